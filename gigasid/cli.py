@@ -1,0 +1,124 @@
+"""The command line: ``gigasid generate``. Thin: parse, read, call ``jobs``, write, report.
+
+User mistakes (:class:`~gigasid.errors.GigasidError`) become one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+from gigasid.errors import GigasidError, InputError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"HxW"`` → (H, W), both positive."""
+    match = _SIZE.match(text)
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise InputError(f"--size must be HEIGHTxWIDTH in pixels, e.g. 256x512; got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gigasid", description="Training-free single-image diffusion.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate new images from one reference image")
+    gen.add_argument("input", type=Path, help="reference image (PNG, JPEG, TIFF) or a folder of them")
+    gen.add_argument("-o", "--output", type=Path, required=True, help="output image, or a folder for a folder input")
+    gen.add_argument("--pipeline", default="uncond", help="preset name (pipelines/NAME.yaml) or a YAML file")
+    gen.add_argument("--size", help="output size HEIGHTxWIDTH (default: the preset's output_scale × input)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first sample")
+    gen.add_argument("--samples", type=int, default=1, help="samples per input (seeds seed, seed+1, ...)")
+    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a preset setting, e.g. --set index.k=10 --set eta=1")
+    return parser
+
+
+def _outputs_for(inputs: list[Path], output: Path, samples: int, folder_input: bool) -> list[list[Path]]:
+    from gigasid.io.images import WRITE_SUFFIXES, check_writable_output
+
+    if folder_input:
+        if output.suffix.lower() in WRITE_SUFFIXES:
+            raise InputError(f"input is a folder, so -o must be a folder too, got {output}")
+        output.mkdir(parents=True, exist_ok=True)
+        bases = [output / f"{path.stem}.png" for path in inputs]
+    else:
+        bases = [output]
+    planned = []
+    for base in bases:
+        check_writable_output(base)
+        if samples == 1:
+            planned.append([base])
+        else:
+            planned.append([base.with_name(f"{base.stem}_{i}{base.suffix}") for i in range(samples)])
+    return planned
+
+
+def generate_command(args: argparse.Namespace) -> None:
+    from gigasid.config import load_pipeline
+    from gigasid.io.images import list_images, read_image, write_image
+
+    if args.samples < 1:
+        raise InputError(f"--samples must be >= 1, got {args.samples}")
+    size = parse_size(args.size) if args.size else None
+    config = load_pipeline(args.pipeline, args.overrides)
+    folder_input = args.input.is_dir()
+    inputs = list_images(args.input) if folder_input else [args.input]
+    planned = _outputs_for(inputs, args.output, args.samples, folder_input)
+
+    import torch
+
+    from gigasid import jobs
+
+    for path, outputs in zip(inputs, planned):
+        pixels = read_image(path)
+        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+        job = jobs.prepare(image, config, size=size)
+        for offset, out_path in enumerate(outputs):
+            started = time.perf_counter()
+            result = jobs.run(job, seed=args.seed + offset)
+            total = time.perf_counter() - started
+            rgb = ((result.image.clamp(-1.0, 1.0) + 1.0) * 0.5).permute(1, 2, 0).numpy()
+            write_image(out_path, rgb)
+            _print_table(path, out_path, job, result, total, args.seed + offset)
+
+
+def _print_table(source, out_path, job, result, total, seed) -> None:
+    backend = job.config.denoiser.backend
+    if backend == "knn":
+        backend = f"knn k={job.config.index.k} {job.config.index.kind}"
+    print(f"{source} -> {out_path}  (pipeline: {job.config.application}, seed {seed})")
+    print(f"  {'scale':>5}  {'reference':>11}  {'output':>11}  {'backend':<16} {'setup s':>8} {'sample s':>9}")
+    by_scale = {t.scale: t for t in result.timings}
+    for scale in reversed(range(len(job.output_shapes))):
+        ref, out = job.reference_shapes[scale], job.output_shapes[scale]
+        timing = by_scale[scale].seconds
+        print(
+            f"  {scale:>5}  {ref[0]:>5}x{ref[1]:<5}  {out[0]:>5}x{out[1]:<5}  {backend:<16} "
+            f"{job.setup_seconds[scale]:>8.2f} {timing:>9.2f}"
+        )
+    print(f"  total sampling {total:.2f} s, setup {sum(job.setup_seconds):.2f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            generate_command(args)
+    except GigasidError as error:
+        print(f"gigasid: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gigasid: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

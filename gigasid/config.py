@@ -1,0 +1,239 @@
+"""Typed job configuration: what to compute, read from a pipeline preset plus ``--set`` overrides.
+
+A config is a tree of frozen dataclasses. :func:`from_mapping` builds one from plain data (YAML)
+and raises :class:`~gigasid.errors.ConfigError` naming the key for an unknown key, a value of the
+wrong type, or one out of range; nothing is silently clamped. Each field's comment says what it
+does; its ``metadata`` holds the valid range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from gigasid.errors import ConfigError
+
+PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, odd: bool = False) -> dict:
+    return {"range": (lo, hi), "odd": odd}
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """Which closed-form denoiser computes D(x), and in what precision."""
+
+    #: exact (chunked matmul), fused (scaled-dot-product attention) or knn (index candidates)
+    backend: Literal["exact", "fused", "knn"] = "knn"
+    #: precision of the dense backends' matmuls; bfloat16 is the paper's choice and 2× faster
+    compute_dtype: Literal["float32", "bfloat16", "float64"] = "bfloat16"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Nearest-neighbour candidates for the knn backend (see ``gigasid.index``)."""
+
+    #: exact (torch brute force), flat (FAISS exact), ivf or ivfpq (FAISS approximate)
+    kind: Literal["exact", "flat", "ivf", "ivfpq"] = "ivf"
+    #: candidates per query whose exact weights are computed (paper: k = 5)
+    k: int = field(default=5, metadata=_range(1, 1024))
+    #: dimensions searched: PCA components + 1 residual norm; 0 searches raw patches
+    search_dims: int = field(default=32, metadata=_range(0, 4096))
+    #: IVF lists; null = 4·√N
+    nlist: Optional[int] = field(default=None, metadata=_range(1, None))
+    #: IVF lists probed per query
+    nprobe: int = field(default=4, metadata=_range(1, 65536))
+    #: add neighbours' candidates shifted by one pixel and the previous step's (PatchMatch-style)
+    coherence: bool = False
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One generation job. Defaults are the paper's pixel-space settings."""
+
+    #: uncond, retarget (coarsest scale = resized input), symmetric or tileable
+    application: Literal["uncond", "retarget", "symmetric", "tileable"] = "uncond"
+    #: flow_linear (paper default) or ve_edm
+    noise_schedule: Literal["flow_linear", "ve_edm"] = "flow_linear"
+    #: denoiser calls per scale (T)
+    num_steps: int = field(default=10, metadata=_range(1, 1000))
+    #: stochasticity of the step: 0 = deterministic DDIM, 1 = fresh noise each step
+    eta: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    #: patch side P (odd); larger patches copy larger structures
+    patch_size: int = field(default=15, metadata=_range(1, 255, odd=True))
+    #: std of the Gaussian fold window over patch coordinates in [-1, 1]; .inf = flat
+    rho: float = field(default=0.2, metadata=_range(1e-6, math.inf))
+    #: short side of the coarsest pyramid level; the depth is derived from it
+    min_short_side: int = field(default=24, metadata=_range(1, None))
+    #: pyramid depth; null derives it from min_short_side
+    num_scales: Optional[int] = field(default=None, metadata=_range(1, 32))
+    #: output size relative to the input (rows, cols) when --size is not given
+    output_scale: tuple[float, float] = (1.0, 1.0)
+    #: mirror axis of the symmetric application
+    symmetry: Literal["horizontal", "vertical", "both"] = "horizontal"
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def __post_init__(self) -> None:
+        if self.min_short_side < self.patch_size:
+            raise ConfigError(
+                f"min_short_side={self.min_short_side} is smaller than patch_size={self.patch_size}: "
+                "the coarsest scale must hold at least one patch"
+            )
+        for value in self.output_scale:
+            if not value > 0:
+                raise ConfigError(f"output_scale must be two positive factors, got {list(self.output_scale)}")
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    lo, hi = meta.get("range", (None, None))
+    if value is None:
+        return
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{key}={value} is out of range; valid: {bounds}")
+    if meta.get("odd") and value % 2 == 0:
+        raise ConfigError(f"{key}={value} must be odd (patches have a centre pixel)")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("x", ",").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "+inf", "+.inf"):
+            return math.inf
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if annotation is str:
+        return str(value)
+    raise TypeError(f"unsupported annotation for {key}: {annotation}")
+
+
+def from_mapping(cls: type, data: dict, *, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, validating every key and value."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; valid keys: {', '.join(prefix + name for name in fields)}"
+        )
+    values = {}
+    for name, value in data.items():
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_mapping(hint, value, prefix=key + ".")
+            continue
+        coerced = _coerce(key, value, hint)
+        _check_range(key, coerced, dict(fields[name].metadata))
+        values[name] = coerced
+    return cls(**values)
+
+
+def to_mapping(config: Any) -> dict:
+    """Plain data (for manifests and printing)."""
+    return dataclasses.asdict(config)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["index.k=10", "eta=1"]`` → nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set has an empty key in {pair!r}")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def available_pipelines() -> list[str]:
+    return sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
+
+
+def load_pipeline(name_or_path: str, overrides: list[str] | None = None) -> JobConfig:
+    """A preset by name (``pipelines/NAME.yaml``) or a YAML file path, plus ``key=value`` overrides."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PIPELINES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown pipeline {name_or_path!r}; available: {', '.join(available_pipelines())} "
+                "(or pass a .yaml file)"
+            )
+    elif not path.is_file():
+        raise ConfigError(f"pipeline file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"pipeline {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"pipeline {path} must be a mapping of settings")
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_mapping(JobConfig, data)

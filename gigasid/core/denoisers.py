@@ -1,0 +1,163 @@
+"""Closed-form patch denoisers: the optimal denoiser of a finite patch dataset (paper Eq. 2).
+
+For a noisy patch x at noise level (alpha, sigma) and dataset patches y_j,
+
+    D(x) = Σ_j w_j y_j,   w = softmax_j( -‖x - alpha y_j‖² / (2 sigma²) ).
+
+‖x‖² is the same for every j and drops out of the softmax, leaving the matmul form
+softmax((2 alpha x·y_j - alpha² ‖y_j‖²) / (2 sigma²)). At alpha = 0 every weight is equal and the
+answer is the dataset mean. Every backend here computes that same quantity on (M, D) patch rows;
+they differ in how:
+
+* ``exact``  chunked matmul + softmax over the whole dataset; the (M, N) score matrix is never
+  held whole.
+* ``fused``  PyTorch's scaled-dot-product attention through the homogeneous-coordinate trick
+  q = [x, 1], k = [alpha y, -½ alpha² ‖y‖²], v = y, scale 1/sigma².
+* ``knn``    exact weights over a given set of candidate positions per query (from ``index/``),
+  with the candidate patches read straight from the reference image by position.
+
+Both dense backends work on mean-centred patches: distances are translation invariant, and
+centring keeps the dot products small, which matters when they are computed in bfloat16.
+Nothing here knows about images beyond :func:`gather_patches`; ``image_denoiser`` unfolds and
+folds around these.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from gigasid.core.patches import gather_patches
+
+BackendName = Literal["exact", "fused", "knn"]
+
+
+class PatchDenoiser(Protocol):
+    """The contract every backend meets."""
+
+    #: whether __call__ needs ``candidates`` (positions into the reference patch grid)
+    needs_candidates: bool
+
+    def __call__(
+        self, queries: torch.Tensor, alpha: float, sigma: float, candidates: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(M, D) noisy patch rows → (M, D) clean estimates, float32."""
+        ...
+
+
+class ExactDenoiser:
+    """Kernel regression over the full (N, D) dataset, ``chunk`` queries at a time."""
+
+    needs_candidates = False
+
+    def __init__(self, dataset: torch.Tensor, *, compute_dtype: torch.dtype = torch.bfloat16, chunk: int = 1024):
+        accumulate = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        self.mean = dataset.to(accumulate).mean(0)
+        centred = dataset.to(accumulate) - self.mean
+        self.centred = centred.to(compute_dtype).contiguous()
+        self.sq_norms = centred.pow(2).sum(1)
+        self.compute_dtype, self.accumulate, self.chunk = compute_dtype, accumulate, chunk
+
+    def __call__(self, queries, alpha, sigma, candidates=None):
+        if alpha == 0.0:
+            return self.mean.to(torch.float32).expand(queries.shape[0], -1).clone()
+        out = torch.empty(queries.shape[0], self.centred.shape[1], dtype=torch.float32, device=queries.device)
+        bias = self.sq_norms * (alpha * alpha / (2.0 * sigma * sigma))
+        for start in range(0, queries.shape[0], self.chunk):
+            q = queries[start : start + self.chunk].to(self.accumulate) - alpha * self.mean
+            scores = (q.to(self.compute_dtype) @ self.centred.T).to(self.accumulate)
+            scores.mul_(alpha / (sigma * sigma)).sub_(bias)  # (2 alpha x·y - alpha² ‖y‖²) / (2 sigma²)
+            scores.sub_(scores.amax(1, keepdim=True)).exp_()
+            totals = scores.sum(1, keepdim=True)
+            blended = (scores.to(self.compute_dtype) @ self.centred).to(self.accumulate) / totals
+            out[start : start + self.chunk] = blended + self.mean
+        return out
+
+
+class FusedDenoiser:
+    """The exact denoiser through fused scaled-dot-product attention (paper §4, trick 1)."""
+
+    needs_candidates = False
+
+    def __init__(self, dataset: torch.Tensor, *, compute_dtype: torch.dtype = torch.bfloat16, chunk: int = 8192):
+        accumulate = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        self.mean = dataset.to(accumulate).mean(0)
+        centred = dataset.to(accumulate) - self.mean
+        self.centred = centred
+        self.sq_norms = centred.pow(2).sum(1)
+        self.compute_dtype, self.accumulate, self.chunk = compute_dtype, accumulate, chunk
+
+    def __call__(self, queries, alpha, sigma, candidates=None):
+        if alpha == 0.0:
+            return self.mean.to(torch.float32).expand(queries.shape[0], -1).clone()
+        n, d = self.centred.shape
+        keys = torch.cat([alpha * self.centred, (-0.5 * alpha * alpha) * self.sq_norms[:, None]], 1)
+        values = F.pad(self.centred, (0, 1))
+        keys, values = keys.to(self.compute_dtype), values.to(self.compute_dtype)
+        out = torch.empty(queries.shape[0], d, dtype=torch.float32, device=queries.device)
+        for start in range(0, queries.shape[0], self.chunk):
+            q = queries[start : start + self.chunk].to(self.accumulate) - alpha * self.mean
+            q = F.pad(q, (0, 1), value=1.0).to(self.compute_dtype)
+            attended = F.scaled_dot_product_attention(
+                q[None, None], keys[None, None], values[None, None], scale=1.0 / (sigma * sigma)
+            )[0, 0, :, :d]
+            out[start : start + self.chunk] = attended.to(self.accumulate) + self.mean
+        return out
+
+
+class KnnDenoiser:
+    """Exact weights over given candidate positions; candidates are read from the reference image.
+
+    ``reference_hwc`` is the (H, W, C) reference at this scale. Candidate positions are flat
+    indices into its (H-P+1) × (W-P+1) grid of patch corners, -1 for an empty slot.
+    """
+
+    needs_candidates = True
+
+    def __init__(self, reference_hwc: torch.Tensor, patch_size: int, *, chunk: int = 1024):
+        self.reference = reference_hwc.to(torch.float32).contiguous()
+        self.patch_size, self.chunk = patch_size, chunk
+        self.mean = patch_mean(self.reference, patch_size)
+        self.sq_norms = patch_sq_norms(self.reference, patch_size)  # (N,), gathered by position
+
+    def __call__(self, queries, alpha, sigma, candidates=None):
+        if alpha == 0.0:
+            return self.mean.expand(queries.shape[0], -1).clone()
+        if candidates is None:
+            raise ValueError("the knn denoiser needs candidate positions for every query")
+        out = torch.empty_like(queries, dtype=torch.float32)
+        scale = 1.0 / (2.0 * sigma * sigma)
+        for start in range(0, queries.shape[0], self.chunk):
+            q = queries[start : start + self.chunk].to(torch.float32)
+            cand = candidates[start : start + self.chunk]
+            empty = cand < 0
+            patches = gather_patches(self.reference, cand.clamp_min(0), self.patch_size)  # (m, k, D)
+            # ‖x - alpha y‖², expanded so the (m, k, D) difference is never formed
+            cross = torch.bmm(patches, q.unsqueeze(-1)).squeeze(-1)
+            dist = self.sq_norms[cand.clamp_min(0)] * (alpha * alpha) - 2.0 * alpha * cross
+            logits = (-scale * dist).masked_fill(empty, -math.inf)
+            weights = torch.softmax(logits, dim=1)
+            out[start : start + self.chunk] = torch.bmm(weights.unsqueeze(1), patches).squeeze(1)
+        return out
+
+
+def patch_mean(reference_hwc: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The mean of all patch rows of an (H, W, C) image, without building them: (P·P·C,)."""
+    height, width, _ = reference_hwc.shape
+    grid_h, grid_w = height - patch_size + 1, width - patch_size + 1
+    means = [
+        reference_hwc[dy : dy + grid_h, dx : dx + grid_w].to(torch.float64).mean((0, 1))
+        for dy in range(patch_size)
+        for dx in range(patch_size)
+    ]
+    return torch.stack(means).reshape(-1).to(torch.float32)
+
+
+def patch_sq_norms(reference_hwc: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """‖y‖² of every patch of an (H, W, C) image, flat over its patch grid: a box filter of ‖·‖²."""
+    energy = reference_hwc.to(torch.float64).pow(2).sum(-1)
+    summed = F.avg_pool2d(energy[None, None], patch_size, 1)[0, 0] * (patch_size * patch_size)
+    return summed.flatten().to(torch.float32)

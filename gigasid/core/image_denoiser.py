@@ -1,0 +1,85 @@
+"""The image denoiser: unfold x_t into all stride-1 patches, denoise each, fold back (paper Alg. 1).
+
+Patches are processed in bands of patch rows so the (M, D) patch matrix of the noisy image is
+never held whole; each band is folded into the output canvas as soon as it is denoised. A
+periodic denoiser wraps patches around the image edges (tileable output). Where a backend needs
+nearest-neighbour candidates, a :class:`CandidateSource` supplies them for the whole grid first.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from gigasid.core.denoisers import PatchDenoiser
+from gigasid.core.patches import (
+    fold_rows,
+    grid_shape,
+    patch_window,
+    periodic_pad,
+    to_hwc,
+    unfold_rows,
+    window_sum,
+    wrap_periodic,
+)
+
+
+class CandidateSource(Protocol):
+    """Finds candidate reference positions for every patch of a noisy image."""
+
+    def __call__(self, x_t: torch.Tensor, alpha: float, *, periodic: bool, step: int | None) -> torch.Tensor:
+        """x_t (C, H, W) → (grid_h·grid_w, k) int64 positions in the reference grid (-1 = none).
+
+        ``step`` is the sampler's step index: a source may reuse what it found at step + 1.
+        """
+        ...
+
+
+class ImageDenoiser:
+    """x_t (C, H, W) at (alpha, sigma) → x_hat (C, H, W)."""
+
+    def __init__(
+        self,
+        patch_denoiser: PatchDenoiser,
+        *,
+        patch_size: int,
+        rho: float,
+        periodic: bool = False,
+        candidate_source: CandidateSource | None = None,
+        band_queries: int = 16384,
+    ):
+        if patch_denoiser.needs_candidates and candidate_source is None:
+            raise ValueError("this denoiser backend needs a candidate source (an index)")
+        self.patch_denoiser = patch_denoiser
+        self.patch_size = patch_size
+        self.window = patch_window(patch_size, rho)
+        self.periodic = periodic
+        self.candidate_source = candidate_source
+        self.band_queries = band_queries
+
+    def __call__(self, x_t: torch.Tensor, alpha: float, sigma: float, *, step: int | None = None) -> torch.Tensor:
+        channels, height, width = x_t.shape
+        size = self.patch_size
+        if not self.periodic and (height < size or width < size):
+            raise ValueError(f"image {height}x{width} is smaller than the patch size {size}")
+        window = self.window.to(device=x_t.device)
+        source = to_hwc(x_t.to(torch.float32))
+        if self.periodic:
+            source = periodic_pad(source, size)
+        grid_h, grid_w = grid_shape(height, width, size, periodic=self.periodic)
+        candidates = None
+        if self.patch_denoiser.needs_candidates and alpha > 0.0:
+            candidates = self.candidate_source(x_t, alpha, periodic=self.periodic, step=step)
+        canvas = torch.zeros((channels, *source.shape[:2]), dtype=torch.float32, device=x_t.device)
+        band = max(1, self.band_queries // grid_w)
+        for row0 in range(0, grid_h, band):
+            row1 = min(grid_h, row0 + band)
+            queries = unfold_rows(source, size, row0, row1)
+            cand = None if candidates is None else candidates[row0 * grid_w : row1 * grid_w]
+            denoised = self.patch_denoiser(queries, alpha, sigma, cand)
+            fold_rows(canvas, denoised, window, row0, grid_w)
+        if self.periodic:
+            canvas = wrap_periodic(canvas, height, width)
+        canvas /= window_sum(height, width, window, periodic=self.periodic)
+        return canvas

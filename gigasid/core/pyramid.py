@@ -1,0 +1,144 @@
+"""Pyramid geometry, antialiased cubic resampling and the two-scale Laplacian blend.
+
+Resampling is separable and expressed as *taps*: for every output index along an axis, the input
+indices it reads and their weights. Taps are a pure function of (input length, output length,
+boundary), so a tiled engine can take the taps of any output range and know exactly which input
+rows it needs. The kernel is Keys' cubic (a = -0.5), widened by the shrink factor when
+downsampling (antialiasing), with pixel centres aligned (align_corners=False). At a plain edge,
+taps that fall outside are dropped and the rest renormalised; a periodic axis wraps them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CUBIC_SUPPORT = 2.0  # Keys' cubic is non-zero on (-2, 2)
+
+
+def pyramid_shapes(
+    height: int,
+    width: int,
+    *,
+    min_short_side: int,
+    num_scales: int | None = None,
+    scale_factor: float = 0.5,
+) -> list[tuple[int, int]]:
+    """Shapes of the Gaussian pyramid, finest first: level l is ⌈H·f^l⌉ × ⌈W·f^l⌉.
+
+    With ``num_scales`` None the depth is the smallest that brings the short side down to
+    ``min_short_side``; a coarsest level that falls below it is pinned to exactly that short side
+    (keeping the aspect ratio, never larger than the level above).
+    """
+    if min_short_side < 1:
+        raise ValueError(f"min_short_side must be >= 1, got {min_short_side}")
+
+    def level(index: int) -> tuple[int, int]:
+        factor = scale_factor**index
+        return math.ceil(height * factor - 1e-9), math.ceil(width * factor - 1e-9)
+
+    if num_scales is None:
+        num_scales = 1
+        while min(level(num_scales - 1)) > min_short_side:
+            num_scales += 1
+    shapes = [level(i) for i in range(num_scales)]
+    if num_scales > 1 and min(shapes[-1]) < min_short_side:
+        above = shapes[-2]
+        if min(above) < min_short_side:
+            raise ValueError(
+                f"num_scales={num_scales} is too deep for min_short_side={min_short_side}: "
+                f"the level above the coarsest is already {above[0]}x{above[1]}"
+            )
+        short = min(height, width)
+        shapes[-1] = (
+            min(-(-height * min_short_side // short), above[0]),
+            min(-(-width * min_short_side // short), above[1]),
+        )
+    return shapes
+
+
+def output_pyramid_shapes(
+    reference_shapes: list[tuple[int, int]], output_height: int, output_width: int
+) -> list[tuple[int, int]]:
+    """The output's shape at every scale: the reference pyramid's sampling density, output extent.
+
+    Level l keeps the reference's ratio between level l and level 0, so each scale's patches are
+    matched at the resolution they were taken at. Unconditional runs get the reference shapes.
+    """
+    ref_h, ref_w = reference_shapes[0]
+    return [
+        (
+            max(1, math.ceil(output_height * h / ref_h - 1e-9)),
+            max(1, math.ceil(output_width * w / ref_w - 1e-9)),
+        )
+        for h, w in reference_shapes
+    ]
+
+
+def _cubic(x: torch.Tensor) -> torch.Tensor:
+    a = -0.5
+    ax = x.abs()
+    near = ((a + 2) * ax - (a + 3)) * ax * ax + 1
+    far = ((a * ax - 5 * a) * ax + 8 * a) * ax - 4 * a
+    return torch.where(ax <= 1, near, torch.where(ax < 2, far, torch.zeros_like(ax)))
+
+
+def resample_taps(
+    in_len: int, out_len: int, *, periodic: bool = False, out_range: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights), each (n_out, taps): output i = Σ_t weights[i, t] · input[indices[i, t]].
+
+    ``out_range`` restricts to output indices [o0, o1) (a tile). Weights are float64 and sum to 1.
+    """
+    o0, o1 = out_range if out_range is not None else (0, out_len)
+    ratio = in_len / out_len
+    stretch = max(ratio, 1.0)  # widen the kernel when shrinking: antialiasing
+    radius = CUBIC_SUPPORT * stretch
+    centres = (torch.arange(o0, o1, dtype=torch.float64) + 0.5) * ratio - 0.5
+    taps = int(math.floor(2 * radius)) + 2
+    first = torch.floor(centres - radius).to(torch.int64) + 1
+    indices = first[:, None] + torch.arange(taps, dtype=torch.int64)[None, :]
+    weights = _cubic((indices.to(torch.float64) - centres[:, None]) / stretch)
+    if periodic:
+        indices = indices % in_len
+    else:
+        outside = (indices < 0) | (indices >= in_len)
+        weights = weights.masked_fill(outside, 0.0)
+        indices = indices.clamp(0, in_len - 1)
+    weights = weights / weights.sum(1, keepdim=True)
+    return indices, weights
+
+
+def resample_axis(image: torch.Tensor, axis: int, out_len: int, *, periodic: bool = False) -> torch.Tensor:
+    """Resample one axis of a tensor to ``out_len`` with antialiased cubic taps."""
+    in_len = image.shape[axis]
+    if in_len == out_len:
+        return image
+    indices, weights = resample_taps(in_len, out_len, periodic=periodic)
+    moved = image.movedim(axis, -1)
+    gathered = moved[..., indices.to(image.device)]  # (..., out, taps)
+    out = (gathered * weights.to(image.device, image.dtype)).sum(-1)
+    return out.movedim(-1, axis).contiguous()
+
+
+def resample(image: torch.Tensor, shape: tuple[int, int], *, periodic: bool = False) -> torch.Tensor:
+    """Resample the last two axes of (..., H, W) to ``shape`` (rows first, then columns)."""
+    rows = resample_axis(image, image.dim() - 2, shape[0], periodic=periodic)
+    return resample_axis(rows, image.dim() - 1, shape[1], periodic=periodic)
+
+
+def half_shape(height: int, width: int) -> tuple[int, int]:
+    """The next pyramid level's shape below (height, width): ⌈H/2⌉ × ⌈W/2⌉."""
+    return math.ceil(height / 2), math.ceil(width / 2)
+
+
+def laplacian_blend(fine: torch.Tensor, coarser: torch.Tensor, *, periodic: bool = False) -> torch.Tensor:
+    """Two-scale Laplacian blend: up(coarser) + (fine - up(down(fine))).
+
+    Keeps the fine estimate's detail band and takes its low band from the finished coarser scale
+    (paper: TwoScaleBlend). ``down`` goes to ⌈H/2⌉ × ⌈W/2⌉ whatever the coarser scale's shape.
+    """
+    height, width = fine.shape[-2:]
+    low = resample(resample(fine, half_shape(height, width), periodic=periodic), (height, width), periodic=periodic)
+    return resample(coarser, (height, width), periodic=periodic) + (fine - low)

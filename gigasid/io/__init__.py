@@ -1,0 +1,1 @@
+"""Formats only: image readers/writers, later the Zarr job store and exporters."""

@@ -1,0 +1,144 @@
+"""Job assembly: from a reference image and a :class:`JobConfig` to a sampled image, in memory.
+
+This is where the layers meet: the reference pyramid and output shapes (``core.pyramid``), one
+image denoiser per scale (``core`` backends, with ``index`` candidates for knn), and the
+application's options of the coarse-to-fine sampler (``core.sampler``). No file I/O happens here;
+``cli`` reads and writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from gigasid.config import JobConfig
+from gigasid.core.denoisers import ExactDenoiser, FusedDenoiser, KnnDenoiser
+from gigasid.core.image_denoiser import ImageDenoiser
+from gigasid.core.noise_schedule import make_noise_schedule
+from gigasid.core.patches import grid_shape, to_hwc, unfold_rows
+from gigasid.core.pyramid import output_pyramid_shapes, pyramid_shapes, resample
+from gigasid.core.sampler import SampleResult, ScaleTiming, sample
+from gigasid.errors import InputError
+from gigasid.index.candidates import ReferenceCandidates
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class PreparedJob:
+    """Everything that does not depend on the seed: reuse it across samples."""
+
+    config: JobConfig
+    reference_shapes: list[tuple[int, int]]
+    output_shapes: list[tuple[int, int]]
+    channels: int
+    denoisers: list[ImageDenoiser]
+    fixed_coarsest: torch.Tensor | None
+    setup_seconds: list[float] = field(default_factory=list)  # per scale, finest first
+
+
+def reference_pyramid(image: torch.Tensor, config: JobConfig) -> list[torch.Tensor]:
+    """The reference at every scale, finest first; each level resampled from the one above."""
+    _, height, width = image.shape
+    if min(height, width) < config.patch_size:
+        raise InputError(
+            f"the image is {height}x{width}, smaller than the patch size {config.patch_size}; "
+            "use a larger image or a smaller patch_size (--set patch_size=N)"
+        )
+    min_short = min(config.min_short_side, height, width)
+    shapes = pyramid_shapes(height, width, min_short_side=min_short, num_scales=config.num_scales)
+    levels = [image]
+    for shape in shapes[1:]:
+        levels.append(resample(levels[-1], shape))
+    return levels
+
+
+def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | None = None) -> PreparedJob:
+    """Build the reference pyramid, the output shapes and one denoiser per scale.
+
+    ``image`` is (C, H, W) in [-1, 1]; ``size`` the output (H, W), default the input scaled by
+    ``config.output_scale``.
+    """
+    channels, height, width = image.shape
+    levels = reference_pyramid(image, config)
+    ref_shapes = [tuple(level.shape[-2:]) for level in levels]
+    if size is None:
+        size = (
+            max(1, round(height * config.output_scale[0])),
+            max(1, round(width * config.output_scale[1])),
+        )
+    out_shapes = output_pyramid_shapes(ref_shapes, *size)
+    periodic = config.application == "tileable"
+    size_p = config.patch_size
+    if min(out_shapes[-1]) < size_p:
+        need = [-(-size_p * full // coarse) for full, coarse in zip(out_shapes[0], out_shapes[-1])]
+        raise InputError(
+            f"output size {size[0]}x{size[1]} is too small: its coarsest scale would be "
+            f"{out_shapes[-1][0]}x{out_shapes[-1][1]}, smaller than the patch size {size_p}; "
+            f"ask for at least {need[0]}x{need[1]}"
+        )
+    denoisers, setup = [], []
+    for level in levels:
+        started = time.perf_counter()
+        denoisers.append(_image_denoiser(level, config, periodic=periodic))
+        setup.append(time.perf_counter() - started)
+    fixed = None
+    if config.application == "retarget":
+        fixed = resample(levels[-1], out_shapes[-1])
+    return PreparedJob(config, ref_shapes, out_shapes, channels, denoisers, fixed, setup)
+
+
+def _image_denoiser(level: torch.Tensor, config: JobConfig, *, periodic: bool) -> ImageDenoiser:
+    size = config.patch_size
+    backend = config.denoiser.backend
+    source = None
+    if backend == "knn":
+        patch_denoiser = KnnDenoiser(to_hwc(level), size)
+        index = config.index
+        source = ReferenceCandidates(
+            level,
+            size,
+            k=index.k,
+            index=index.kind,
+            search_dims=index.search_dims,
+            nlist=index.nlist,
+            nprobe=index.nprobe,
+            coherence=index.coherence,
+        )
+    else:
+        grid_h, _ = grid_shape(*level.shape[-2:], size)
+        dataset = unfold_rows(to_hwc(level), size, 0, grid_h)
+        dense = ExactDenoiser if backend == "exact" else FusedDenoiser
+        patch_denoiser = dense(dataset, compute_dtype=_DTYPES[config.denoiser.compute_dtype])
+    return ImageDenoiser(patch_denoiser, patch_size=size, rho=config.rho, periodic=periodic, candidate_source=source)
+
+
+def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
+    """Sample one image of a prepared job: (C, H, W) in [-1, 1] at ``result.image``."""
+    config = job.config
+    alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
+    return sample(
+        job.denoisers,
+        job.output_shapes,
+        channels=job.channels,
+        alphas=alphas,
+        sigmas=sigmas,
+        eta=config.eta,
+        seed=seed,
+        symmetry=config.symmetry if config.application == "symmetric" else "none",
+        periodic=config.application == "tileable",
+        fixed_coarsest=job.fixed_coarsest,
+        on_scale=on_scale,
+    )
+
+
+def generate(
+    image: torch.Tensor, config: JobConfig, *, seed: int = 0, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """One sample, (C, H, W) in [-1, 1], from a (C, H, W) reference in [-1, 1]."""
+    return run(prepare(image, config, size=size), seed=seed).image
+
+
+__all__ = ["PreparedJob", "ScaleTiming", "generate", "prepare", "reference_pyramid", "run"]
