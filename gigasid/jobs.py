@@ -106,6 +106,7 @@ def _image_denoiser(level: torch.Tensor, config: JobConfig, *, periodic: bool) -
             nlist=index.nlist,
             nprobe=index.nprobe,
             coherence=index.coherence,
+            search_stride=index.search_stride,
         )
     else:
         grid_h, _ = grid_shape(*level.shape[-2:], size)

@@ -86,9 +86,11 @@ class ReferenceCandidates:
         nlist: int | None = None,
         nprobe: int = 4,
         coherence: bool = False,
+        search_stride: int = 1,
         seed: int = 0,
     ):
         self.patch_size, self.k, self.coherence = patch_size, k, coherence
+        self.search_stride = search_stride
         _, height, width = reference.shape
         self.ref_grid = grid_shape(height, width, patch_size)
         if search_dims:
@@ -122,10 +124,13 @@ class ReferenceCandidates:
             size = self.patch_size - 1
             scaled = F.pad(scaled[None], (0, size, 0, size), mode="circular")[0]
         queries = self.query_vectors(scaled)
-        found = self.index.search(queries, self.k)
+        grid = grid_shape(*x_t.shape[1:], self.patch_size, periodic=periodic)
+        if self.search_stride > 1:
+            found = self._strided_search(queries, grid)
+        else:
+            found = self.index.search(queries, self.k)
         if not self.coherence:
             return found
-        grid = grid_shape(*x_t.shape[1:], self.patch_size, periodic=periodic)
         pool = [found, *self._propagated(found, grid, periodic)]
         if self._previous is not None and step is not None and self._previous[0] == step + 1:
             if self._previous[1].shape == found.shape:
@@ -133,6 +138,25 @@ class ReferenceCandidates:
         best = self._best(torch.cat(pool, 1), queries)
         self._previous = (step, best) if step is not None else None
         return best
+
+    def _strided_search(self, queries: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Search every ``search_stride``-th query of each axis; the others take the candidates of
+        the searched query at the top-left of their cell, shifted by their offset from it."""
+        stride = self.search_stride
+        grid_h, grid_w = grid
+        ref_h, ref_w = self.ref_grid
+        sub = queries.view(grid_h, grid_w, -1)[::stride, ::stride]
+        sub_h, sub_w = sub.shape[:2]
+        found = self.index.search(sub.reshape(sub_h * sub_w, -1), self.k).view(sub_h, sub_w, -1)
+        rows = torch.arange(grid_h)
+        cols = torch.arange(grid_w)
+        spread = found[rows // stride][:, cols // stride]  # (grid_h, grid_w, k)
+        d_row = (rows % stride)[:, None, None]
+        d_col = (cols % stride)[None, :, None]
+        ref_row = (spread // ref_w + d_row).clamp(max=ref_h - 1)
+        ref_col = (spread % ref_w + d_col).clamp(max=ref_w - 1)
+        shifted = torch.where(spread >= 0, ref_row * ref_w + ref_col, spread)
+        return shifted.view(grid_h * grid_w, -1)
 
     def _propagated(self, found: torch.Tensor, grid: tuple[int, int], periodic: bool) -> list[torch.Tensor]:
         """Neighbours' candidates shifted by one pixel toward this query (-1 where invalid)."""
