@@ -40,6 +40,8 @@ class PatchDenoiser(Protocol):
 
     #: whether __call__ needs ``candidates`` (positions into the reference patch grid)
     needs_candidates: bool
+    #: how many queries one call handles efficiently; callers feed it pieces of this size
+    chunk: int
 
     def __call__(
         self, queries: torch.Tensor, alpha: float, sigma: float, candidates: torch.Tensor | None = None
@@ -117,7 +119,7 @@ class KnnDenoiser:
 
     needs_candidates = True
 
-    def __init__(self, reference_hwc: torch.Tensor, patch_size: int, *, chunk: int = 1024):
+    def __init__(self, reference_hwc: torch.Tensor, patch_size: int, *, chunk: int = 256):
         self.reference = reference_hwc.to(torch.float32).contiguous()
         self.patch_size, self.chunk = patch_size, chunk
         self.mean = patch_mean(self.reference, patch_size)

@@ -14,13 +14,14 @@ import torch
 
 from gigasid.core.denoisers import PatchDenoiser
 from gigasid.core.patches import (
-    fold_rows,
+    fold_columns,
     grid_shape,
     patch_window,
     periodic_pad,
     to_hwc,
     unfold_rows,
     window_sum,
+    window_columns,
     wrap_periodic,
 )
 
@@ -73,12 +74,19 @@ class ImageDenoiser:
             candidates = self.candidate_source(x_t, alpha, periodic=self.periodic, step=step)
         canvas = torch.zeros((channels, *source.shape[:2]), dtype=torch.float32, device=x_t.device)
         band = max(1, self.band_queries // grid_w)
+        chunk = self.patch_denoiser.chunk
         for row0 in range(0, grid_h, band):
             row1 = min(grid_h, row0 + band)
             queries = unfold_rows(source, size, row0, row1)
-            cand = None if candidates is None else candidates[row0 * grid_w : row1 * grid_w]
-            denoised = self.patch_denoiser(queries, alpha, sigma, cand)
-            fold_rows(canvas, denoised, window, row0, grid_w)
+            count = queries.shape[0]
+            columns = torch.empty((channels, size, size, count), dtype=torch.float32, device=x_t.device)
+            first = row0 * grid_w
+            for start in range(0, count, chunk):
+                stop = min(count, start + chunk)
+                cand = None if candidates is None else candidates[first + start : first + stop]
+                denoised = self.patch_denoiser(queries[start:stop], alpha, sigma, cand)
+                columns[..., start:stop] = window_columns(denoised, window)
+            fold_columns(canvas, columns, row0, grid_w)
         if self.periodic:
             canvas = wrap_periodic(canvas, height, width)
         canvas /= window_sum(height, width, window, periodic=self.periodic)

@@ -95,25 +95,30 @@ def gather_patches(image_hwc: torch.Tensor, positions: torch.Tensor, patch_size:
     return rows.reshape(*positions.shape, patch_size * patch_size * channels)
 
 
-def fold_rows(
-    canvas: torch.Tensor, patches: torch.Tensor, window: torch.Tensor, row0: int, grid_w: int
-) -> None:
-    """Add window-weighted patches into ``canvas`` (C, H', W') in place.
+def window_columns(patches: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Window-weight patch rows (m, P·P·C) and transpose them to fold columns (C, P, P, m).
 
-    ``patches`` (M, P·P·C) are the patches with top-left rows row0.. in raster order over a grid
-    of width ``grid_w``. ``canvas`` must cover every pixel they touch (the padded extent for a
-    periodic image; see :func:`wrap_periodic`).
+    Called on small pieces so that the transpose happens in cache.
     """
     patch_size = window.shape[0]
-    channels = canvas.shape[0]
-    band = patches.shape[0] // grid_w
-    count = band * grid_w
-    rows = patches.view(count, patch_size, patch_size, channels)
-    columns = torch.empty(channels, patch_size, patch_size, count, dtype=patches.dtype, device=patches.device)
-    for start in range(0, count, 512):  # transpose in cache-sized pieces: (m, P, P, C) → (C, P, P, m)
-        columns[..., start : start + 512] = (rows[start : start + 512] * window[:, :, None]).permute(3, 1, 2, 0)
-    columns = columns.view(1, channels * patch_size * patch_size, count)
-    folded = F.fold(columns, (band + patch_size - 1, grid_w + patch_size - 1), patch_size)
+    rows = patches.view(patches.shape[0], patch_size, patch_size, -1)
+    return (rows * window[:, :, None]).permute(3, 1, 2, 0)
+
+
+def fold_columns(canvas: torch.Tensor, columns: torch.Tensor, row0: int, grid_w: int) -> None:
+    """Add fold columns (C, P, P, L) of the patches with top-left rows row0.. into ``canvas``.
+
+    The L patches are in raster order over a grid of width ``grid_w``. ``canvas`` (C, H', W') must
+    cover every pixel they touch (the padded extent for a periodic image; see
+    :func:`wrap_periodic`).
+    """
+    channels, patch_size, _, count = columns.shape
+    band = count // grid_w
+    folded = F.fold(
+        columns.reshape(1, channels * patch_size * patch_size, count),
+        (band + patch_size - 1, grid_w + patch_size - 1),
+        patch_size,
+    )
     canvas[:, row0 : row0 + band + patch_size - 1, : grid_w + patch_size - 1] += folded[0]
 
 

@@ -1,0 +1,186 @@
+"""The vector-index contract (``gigasid.index.search``) and the reference candidate source.
+
+One contract for every index kind: (M, d) float32 queries → (M, k) int64 row ids, nearest first,
+-1 where fewer than k exist. Exact kinds must agree with a float64 ``cdist`` argsort; the
+approximate kinds are held to a measured recall.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gigasid.core.patches import grid_shape
+from gigasid.core.pyramid import resample
+from gigasid.index.candidates import ReferenceCandidates
+from gigasid.index.search import BruteForceIndex, FaissIndex, build_index
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine torch's spinning OpenMP workers make these
+    small searches many times slower; results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def exact_neighbours(queries: torch.Tensor, vectors: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.cdist(queries.double(), vectors.double()).argsort(1)[:, :k]
+
+
+def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth))
+    return hits / truth.numel()
+
+
+@pytest.fixture(scope="module")
+def gaussian() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(3000, 32, generator=generator)
+    queries = torch.randn(300, 32, generator=generator)
+    return vectors, queries
+
+
+@pytest.fixture(scope="module")
+def clustered() -> tuple[torch.Tensor, torch.Tensor]:
+    """64 Gaussian clusters in 32-d, queries near data points: how patch features look."""
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(64, 32, generator=generator)
+    labels = torch.randint(0, 64, (4000,), generator=generator)
+    vectors = centres[labels] + 0.35 * torch.randn(4000, 32, generator=generator)
+    queries = vectors[:400] + 0.05 * torch.randn(400, 32, generator=generator)
+    return vectors, queries
+
+
+@pytest.mark.parametrize("make", [lambda v: BruteForceIndex(v, chunk=128), lambda v: FaissIndex(v, kind="flat"),
+                                  lambda v: build_index(v, "exact"), lambda v: build_index(v, "flat")],
+                         ids=["brute", "faiss-flat", "registry-exact", "registry-flat"])
+def test_exact_indexes_match_float64_argsort(make, gaussian) -> None:
+    vectors, queries = gaussian
+    found = make(vectors).search(queries, 10)
+    assert found.shape == (300, 10) and found.dtype == torch.int64
+    # i.i.d. Gaussian data: consecutive neighbour distances differ by ~1e-2, far above float32
+    # round-off (~1e-5), so the order itself must match, not just the set
+    assert torch.equal(found, exact_neighbours(queries, vectors, 10))
+
+
+def test_exact_index_on_near_ties_returns_the_true_distances() -> None:
+    # real-patch-like data has near-ties (relative gaps ~1e-5) that float32 may order either way;
+    # the contract there is the distances, not the ids
+    generator = torch.Generator().manual_seed(2)
+    base = resample(torch.randn(3, 12, 16, generator=generator), (40, 60))
+    vectors = base.unfold(1, 4, 1).unfold(2, 4, 1).permute(1, 2, 0, 3, 4).reshape(-1, 48)
+    queries = vectors[::7] + 0.01 * torch.randn(vectors[::7].shape, generator=generator)
+    truth = torch.cdist(queries.double(), vectors.double())
+    best = truth.sort(1).values[:, :8]
+    for index in (BruteForceIndex(vectors), FaissIndex(vectors, kind="flat")):
+        found = index.search(queries, 8)
+        got = truth.gather(1, found)
+        torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-4)
+
+
+def test_fewer_rows_than_k_pads_with_minus_one() -> None:
+    vectors = torch.eye(3, 8)
+    queries = torch.eye(3, 8)[:2]
+    for index in (BruteForceIndex(vectors), FaissIndex(vectors, kind="flat")):
+        found = index.search(queries, 5)
+        assert found.shape == (2, 5)
+        assert found[:, 0].tolist() == [0, 1]
+        assert (found[:, 3:] == -1).all()
+        assert sorted(found[0, :3].tolist()) == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def approximate(clustered):
+    vectors, _ = clustered
+    return {"ivf": FaissIndex(vectors, kind="ivf"), "ivfpq": FaissIndex(vectors, kind="ivfpq")}
+
+
+@pytest.mark.parametrize("kind,bound_at_10,bound_at_1", [("ivf", 0.95, 0.99), ("ivfpq", 0.6, 0.95)])
+def test_approximate_recall(kind, bound_at_10, bound_at_1, clustered, approximate) -> None:
+    vectors, queries = clustered
+    found = approximate[kind].search(queries, 10)
+    assert found.shape == (400, 10) and found.dtype == torch.int64
+    assert int(found.min()) >= 0 and int(found.max()) < 4000  # every slot filled with a real row
+    truth = exact_neighbours(queries, vectors, 10)
+    # measured on this data (N = 4000, d = 32, √N = 63 lists, nprobe = 2, 8x8-bit PQ):
+    # ivf recall@10 0.996, recall@1 1.0; ivfpq recall@10 0.745 (PQ codes blur the tail), recall@1 1.0
+    assert recall(found, truth) >= bound_at_10
+    assert recall(found[:, :1], truth[:, :1]) >= bound_at_1
+
+
+def test_ivf_recall_on_isotropic_data_grows_with_nprobe(gaussian) -> None:
+    vectors, queries = gaussian
+    truth = exact_neighbours(queries, vectors, 10)
+    index = FaissIndex(vectors, kind="ivf", nprobe=2)
+    low = recall(index.search(queries, 10), truth)
+    index.index.nprobe = 54  # every list: IVF-Flat then scans everything, so it is exact
+    full = recall(index.search(queries, 10), truth)
+    # i.i.d. Gaussian data is IVF's worst case: measured 0.35 with nprobe = 2 of 54 lists
+    assert 0.2 < low < full
+    assert full == 1.0
+
+
+def test_index_errors() -> None:
+    vectors = torch.randn(500, 30)
+    with pytest.raises(ValueError, match="pq_m=8 must divide"):
+        FaissIndex(vectors, kind="ivfpq")
+    with pytest.raises(ValueError, match="exact, flat, ivf, ivfpq"):
+        build_index(vectors, "hnsw")
+
+
+# --- the candidate source -------------------------------------------------------------------
+
+
+def _texture(height: int, width: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    low = resample(torch.randn(3, height // 3, width // 3, generator=generator), (height, width))
+    return (0.45 * low / low.std() + 0.1 * torch.randn(3, height, width, generator=generator)).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("index", ["exact", "flat", "ivf"])
+@pytest.mark.parametrize("search_dims", [0, 16])
+def test_reference_candidates_shape_and_range(index: str, search_dims: int) -> None:
+    reference = _texture(30, 36, seed=0)
+    size = 5
+    ref_count = (30 - size + 1) * (36 - size + 1)
+    source = ReferenceCandidates(reference, size, k=4, index=index, search_dims=search_dims)
+    generator = torch.Generator().manual_seed(1)
+    for shape, periodic in [((30, 36), False), ((22, 50), False), ((22, 50), True)]:
+        x_t = 0.8 * _texture(*shape, seed=2) + 0.2 * torch.randn(3, *shape, generator=generator)
+        found = source(x_t, 0.8, periodic=periodic)
+        grid_h, grid_w = grid_shape(*shape, size, periodic=periodic)
+        assert found.shape == (grid_h * grid_w, 4) and found.dtype == torch.int64
+        assert int(found.min()) >= 0 and int(found.max()) < ref_count
+
+
+def test_raw_exact_candidates_of_the_reference_contain_itself() -> None:
+    reference = _texture(30, 36, seed=3)
+    size = 5
+    source = ReferenceCandidates(reference, size, k=3, index="exact", search_dims=0)
+    found = source(reference, 1.0, periodic=False)
+    grid_h, grid_w = grid_shape(30, 36, size)
+    own = torch.arange(grid_h * grid_w)
+    # every patch is at distance 0 from itself: it is the exact nearest neighbour
+    assert bool((found == own[:, None]).any(1).all())
+    assert torch.equal(found[:, 0], own)
+
+
+def test_coherent_candidates_are_distinct() -> None:
+    reference = _texture(30, 36, seed=4)
+    size = 5
+    source = ReferenceCandidates(reference, size, k=6, index="ivf", search_dims=8, coherence=True)
+    generator = torch.Generator().manual_seed(5)
+    clean = _texture(26, 40, seed=6)
+    for step, (alpha, sigma) in zip((3, 2, 1), [(0.5, 0.5), (0.75, 0.25), (0.9999, 1e-4)]):
+        x_t = alpha * clean + sigma * torch.randn(3, 26, 40, generator=generator)
+        for periodic in (False, True):
+            found = source(x_t, alpha, periodic=periodic, step=step)
+            grid_h, grid_w = grid_shape(26, 40, size, periodic=periodic)
+            assert found.shape == (grid_h * grid_w, 6)
+            assert int(found.max()) < 26 * 32 and int(found.min()) >= -1
+            ordered = found.sort(1).values
+            repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+            assert not bool(repeated.any()), "a candidate appears twice in one row"
