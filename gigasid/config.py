@@ -52,7 +52,7 @@ class IndexConfig:
     #: IVF lists probed per query
     nprobe: int = field(default=4, metadata=_range(1, 65536))
     #: add neighbours' candidates shifted by one pixel and the previous step's (PatchMatch-style)
-    coherence: bool = False
+    coherence: Literal["none", "neighbours", "previous", "both"] = "none"
     #: search the index for every n-th query per axis; the rest take their cell's searched
     #: query's candidates shifted by their offset (spatial coherence; 1 = search every query)
     search_stride: int = field(default=1, metadata=_range(1, 64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -143,17 +144,29 @@ def test_unknown_literal_lists_the_valid_ones(data, key, valid) -> None:
 
 def test_coercions_from_strings() -> None:
     # --set values arrive as YAML scalars; quoted numbers and HxW-style tuples are accepted
-    config = from_mapping(JobConfig, {"patch_size": "7", "min_short_side": 7, "eta": "1", "rho": ".inf",
-                                      "output_scale": "1x1.5", "index": {"coherence": "yes"}})
+    config = from_mapping(
+        JobConfig,
+        {
+            "patch_size": "7",
+            "min_short_side": 7,
+            "eta": "1",
+            "rho": ".inf",
+            "output_scale": "1x1.5",
+            "index": {"k": "7"},
+        },
+    )
     assert config.patch_size == 7 and config.eta == 1.0 and math.isinf(config.rho)
-    assert config.output_scale == (1.0, 1.5) and config.index.coherence is True
+    assert config.output_scale == (1.0, 1.5) and config.index.k == 7
     assert from_mapping(JobConfig, {"num_scales": None}).num_scales is None
 
 
 def test_parse_overrides() -> None:
     assert parse_overrides(["index.k=10", "eta=1"]) == {"index": {"k": 10}, "eta": 1}
     assert parse_overrides(["rho=.inf", "application=tileable", "output_scale=[1, 2]", "num_scales="]) == {
-        "rho": math.inf, "application": "tileable", "output_scale": [1, 2], "num_scales": None,
+        "rho": math.inf,
+        "application": "tileable",
+        "output_scale": [1, 2],
+        "num_scales": None,
     }
     assert parse_overrides(["index.k=3", "index.kind=exact"]) == {"index": {"k": 3, "kind": "exact"}}
     config = from_mapping(JobConfig, parse_overrides(["index.k=10", "eta=1"]))
@@ -222,6 +235,6 @@ def test_pipeline_file_path(tmp_path) -> None:
 
 def test_config_dataclasses_are_frozen() -> None:
     config = JobConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.eta = 1.0  # type: ignore[misc]
     assert IndexConfig().kind == "ivf"

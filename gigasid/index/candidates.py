@@ -16,9 +16,11 @@ The kernel compares x against alpha·y, but ‖x - alpha y‖² = alpha² ‖x/a
 over y serves every step when queried with x/alpha (DESIGN.md §7).
 
 Coherence (PatchMatch-style propagation): a query's good candidates are its grid neighbours'
-candidates shifted by one pixel, and its own candidates from the previous step. With
-``coherence`` on, those join the index's results, are ranked by feature distance, de-duplicated,
-and the best k are kept.
+candidates shifted by one pixel, and its own candidates from the previous step. ``coherence``
+("neighbours", "previous" or "both") adds those to the index's results; the pool is ranked by
+feature distance, de-duplicated, and the best k are kept. ``search_stride`` > 1 uses coherence
+the other way round, to save searches: only every n-th query per axis is searched, and the others
+take their cell's searched candidates shifted by their offset.
 """
 
 from __future__ import annotations
@@ -85,10 +87,12 @@ class ReferenceCandidates:
         search_dims: int = 32,
         nlist: int | None = None,
         nprobe: int = 4,
-        coherence: bool = False,
+        coherence: str = "none",
         search_stride: int = 1,
         seed: int = 0,
     ):
+        if coherence not in ("none", "neighbours", "previous", "both"):
+            raise ValueError(f"coherence must be none, neighbours, previous or both, got {coherence!r}")
         self.patch_size, self.k, self.coherence = patch_size, k, coherence
         self.search_stride = search_stride
         _, height, width = reference.shape
@@ -129,12 +133,15 @@ class ReferenceCandidates:
             found = self._strided_search(queries, grid)
         else:
             found = self.index.search(queries, self.k)
-        if not self.coherence:
+        if self.coherence == "none":
             return found
-        pool = [found, *self._propagated(found, grid, periodic)]
-        if self._previous is not None and step is not None and self._previous[0] == step + 1:
-            if self._previous[1].shape == found.shape:
-                pool.append(self._previous[1])
+        pool = [found]
+        if self.coherence in ("neighbours", "both"):
+            pool += self._propagated(found, grid, periodic)
+        previous = self._previous
+        if self.coherence in ("previous", "both") and previous is not None and step is not None:
+            if previous[0] == step + 1 and previous[1].shape == found.shape:
+                pool.append(previous[1])
         best = self._best(torch.cat(pool, 1), queries)
         self._previous = (step, best) if step is not None else None
         return best

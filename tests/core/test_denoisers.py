@@ -70,7 +70,9 @@ def test_exact_float32_close_to_brute_force(alpha: float, sigma: float) -> None:
 def test_alpha_zero_is_the_dataset_mean(backend, dtype) -> None:
     dataset = _dataset()
     x = _queries(dataset, 0.0, 1.0)
-    got = backend(dataset.to(dtype if dtype != torch.bfloat16 else torch.float32), compute_dtype=dtype)(x, 0.0, 1.0)
+    got = backend(dataset.to(dtype if dtype != torch.bfloat16 else torch.float32), compute_dtype=dtype)(
+        x, 0.0, 1.0
+    )
     expected = dataset.mean(0).expand_as(got)
     # every weight is equal: the answer is the mean for every query, whatever the query;
     # the mean is accumulated in float32 or float64, so only float32 rounding remains.
@@ -161,7 +163,9 @@ def test_knn_ignores_empty_candidates() -> None:
     only = [torch.tensor([[3, 8]]), torch.tensor([[45, 46, 47]])]
     out = knn(x[:2], 0.8, 0.3, mixed)
     for row in range(2):
-        torch.testing.assert_close(out[row : row + 1], knn(x[row : row + 1], 0.8, 0.3, only[row]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            out[row : row + 1], knn(x[row : row + 1], 0.8, 0.3, only[row]), atol=1e-6, rtol=0
+        )
 
 
 def test_knn_alpha_zero_is_the_patch_mean() -> None:
@@ -177,3 +181,14 @@ def test_knn_without_candidates_raises() -> None:
     reference = to_hwc(_reference())
     with pytest.raises(ValueError, match="candidate"):
         KnnDenoiser(reference, 5)(torch.zeros(2, 75), 0.5, 0.5, None)
+
+
+@pytest.mark.parametrize("alpha,sigma", LEVELS)
+def test_fused_float64_equals_brute_force(alpha: float, sigma: float) -> None:
+    dataset = _dataset()
+    x = _queries(dataset, alpha, sigma)
+    got = FusedDenoiser(dataset, compute_dtype=torch.float64, chunk=40)(x, alpha, sigma)
+    # as for exact float64: only the final float32 rounding
+    torch.testing.assert_close(
+        got.double(), brute_posterior_mean(x, dataset, alpha, sigma), atol=1e-7, rtol=0
+    )

@@ -109,5 +109,7 @@ def test_epsilon_round_trip() -> None:
     x_t = alpha * x0 + sigma * eps
     torch.testing.assert_close(epsilon_from_x_hat(x_t, x0, alpha, sigma), eps, atol=1e-12, rtol=0)
     # a perfect x_hat and eta = 0 walks along the same noise: x_{t-1} = a' x0 + s' eps
-    out = step(x0, epsilon_from_x_hat(x_t, x0, alpha, sigma), alpha_to=0.5555, sigma_to=0.4445, eta=0.0, noise=None)
+    out = step(
+        x0, epsilon_from_x_hat(x_t, x0, alpha, sigma), alpha_to=0.5555, sigma_to=0.4445, eta=0.0, noise=None
+    )
     torch.testing.assert_close(out, 0.5555 * x0 + 0.4445 * eps, atol=1e-12, rtol=0)

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 
 from gigasid.core.image_denoiser import ImageDenoiser
 from gigasid.core.patches import (
-    fold_rows,
+    fold_columns,
     grid_shape,
     patch_window,
     periodic_pad,
     to_hwc,
     unfold_rows,
+    window_columns,
     window_sum,
     wrap_periodic,
 )
@@ -30,6 +31,9 @@ class IdentityPatches:
     """A patch 'denoiser' that returns its queries: folding them must give x_t back."""
 
     needs_candidates = False
+
+    def __init__(self, chunk: int = 1024):
+        self.chunk = chunk  # queries per call (the image denoiser feeds pieces of this size)
 
     def __call__(self, queries, alpha, sigma, candidates=None):
         return queries.clone()
@@ -42,10 +46,13 @@ def _image(channels: int = 3, height: int = 23, width: int = 31, seed: int = 0) 
 
 @pytest.mark.parametrize("periodic", [False, True])
 @pytest.mark.parametrize("rho", [0.2, math.inf])
-@pytest.mark.parametrize("band_queries", [16384, 40])  # one band, and bands that do not divide the grid
-def test_fold_of_own_patches_is_identity(rho: float, periodic: bool, band_queries: int) -> None:
+# one band and one chunk; then bands and chunks that do not divide the 19 x 27 grid
+@pytest.mark.parametrize("band_queries,chunk", [(16384, 1024), (40, 7)])
+def test_fold_of_own_patches_is_identity(rho: float, periodic: bool, band_queries: int, chunk: int) -> None:
     x_t = _image()
-    denoiser = ImageDenoiser(IdentityPatches(), patch_size=5, rho=rho, periodic=periodic, band_queries=band_queries)
+    denoiser = ImageDenoiser(
+        IdentityPatches(chunk), patch_size=5, rho=rho, periodic=periodic, band_queries=band_queries
+    )
     out = denoiser(x_t, 0.5, 0.5)
     assert out.shape == x_t.shape
     # a weighted average of identical values: only float32 summation round-off (measured 4.8e-7)
@@ -86,7 +93,9 @@ def test_periodic_window_sum_equals_wrapped_loop(rho: float) -> None:
             for dy in range(size):
                 for dx in range(size):
                     brute[(row + dy) % height, (col + dx) % width] += window[dy, dx]
-    torch.testing.assert_close(window_sum(height, width, window, periodic=True), brute, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        window_sum(height, width, window, periodic=True), brute, rtol=1e-12, atol=1e-12
+    )
     # with periodic patches every pixel is covered by the whole window once
     torch.testing.assert_close(brute, torch.full_like(brute, float(window.sum())), rtol=1e-12, atol=1e-12)
 
@@ -117,6 +126,6 @@ def test_periodic_unfold_and_fold_by_hand() -> None:
         assert torch.equal(rows[row * width + col], to_hwc(rolled).reshape(-1))
     window = patch_window(size, 0.5)
     canvas = torch.zeros(channels, height + size - 1, width + size - 1)
-    fold_rows(canvas, rows, window, 0, width)
+    fold_columns(canvas, window_columns(rows, window), 0, width)
     folded = wrap_periodic(canvas, height, width) / window_sum(height, width, window, periodic=True)
     torch.testing.assert_close(folded, image, atol=1e-6, rtol=0)

@@ -34,7 +34,12 @@ def test_pinned_coarsest_level() -> None:
 def test_explicit_num_scales() -> None:
     assert pyramid_shapes(186, 248, min_short_side=24, num_scales=1) == [(186, 248)]
     assert pyramid_shapes(186, 248, min_short_side=24, num_scales=2) == [(186, 248), (93, 124)]
-    assert pyramid_shapes(186, 248, min_short_side=24, num_scales=4) == [(186, 248), (93, 124), (47, 62), (24, 31)]
+    assert pyramid_shapes(186, 248, min_short_side=24, num_scales=4) == [
+        (186, 248),
+        (93, 124),
+        (47, 62),
+        (24, 31),
+    ]
     # 5 levels would put 24x31 above a 12x16 coarsest that cannot be pinned to 24 below it
     with pytest.raises(ValueError, match="too deep"):
         pyramid_shapes(186, 248, min_short_side=24, num_scales=6)
@@ -106,10 +111,14 @@ def test_periodic_resample_of_a_sinusoid_has_no_edge_effect() -> None:
 def _smooth(channels: int, height: int, width: int, seed: int) -> torch.Tensor:
     """A smooth random texture: noise upsampled 4x (band-limited, like a finished coarse scale)."""
     generator = torch.Generator().manual_seed(seed)
-    return resample(torch.randn(channels, height // 4 + 1, width // 4 + 1, generator=generator), (height, width))
+    return resample(
+        torch.randn(channels, height // 4 + 1, width // 4 + 1, generator=generator), (height, width)
+    )
 
 
-@pytest.mark.parametrize("fine_shape,coarse_shape", [((64, 80), (32, 40)), ((63, 81), (32, 41)), ((47, 62), (24, 31))])
+@pytest.mark.parametrize(
+    "fine_shape,coarse_shape", [((64, 80), (32, 40)), ((63, 81), (32, 41)), ((47, 62), (24, 31))]
+)
 def test_laplacian_blend_keeps_the_coarse_low_band(fine_shape, coarse_shape) -> None:
     fine = _smooth(3, *fine_shape, seed=1)
     coarser = _smooth(3, *coarse_shape, seed=2)
@@ -131,5 +140,6 @@ def test_laplacian_blend_of_consistent_scales_is_fine() -> None:
     coarser = resample(fine, half_shape(64, 80))
     # coarser = down(fine) exactly: up(coarser) + fine - up(down(fine)) = fine (round-off only)
     torch.testing.assert_close(laplacian_blend(fine, coarser), fine, atol=1e-5, rtol=0)
-    torch.testing.assert_close(laplacian_blend(fine, resample(fine, (32, 40), periodic=True), periodic=True), fine,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        laplacian_blend(fine, resample(fine, (32, 40), periodic=True), periodic=True), fine, atol=1e-5, rtol=0
+    )
