@@ -67,14 +67,15 @@ class ExactDenoiser:
         if alpha == 0.0:
             return self.mean.to(torch.float32).expand(queries.shape[0], -1).clone()
         out = torch.empty(queries.shape[0], self.centred.shape[1], dtype=torch.float32, device=queries.device)
-        bias = self.sq_norms * (alpha * alpha / (2.0 * sigma * sigma))
+        # logits = (2 alpha x·y - alpha² ‖y‖²) / (2 sigma²): the scale goes into the query and the
+        # bias into the matmul's accumulator, so one addmm and one softmax make the weights
+        bias = (self.sq_norms * (-alpha * alpha / (2.0 * sigma * sigma))).to(self.compute_dtype)
         for start in range(0, queries.shape[0], self.chunk):
             q = queries[start : start + self.chunk].to(self.accumulate) - alpha * self.mean
-            scores = (q.to(self.compute_dtype) @ self.centred.T).to(self.accumulate)
-            scores.mul_(alpha / (sigma * sigma)).sub_(bias)  # (2 alpha x·y - alpha² ‖y‖²) / (2 sigma²)
-            scores.sub_(scores.amax(1, keepdim=True)).exp_()
-            totals = scores.sum(1, keepdim=True)
-            blended = (scores.to(self.compute_dtype) @ self.centred).to(self.accumulate) / totals
+            q = (q * (alpha / (sigma * sigma))).to(self.compute_dtype)
+            logits = torch.addmm(bias, q, self.centred.T)
+            weights = torch.softmax(logits, dim=1)  # the max is subtracted inside, in float32
+            blended = (weights @ self.centred).to(self.accumulate)
             out[start : start + self.chunk] = blended + self.mean
         return out
 
