@@ -92,7 +92,7 @@ class JobConfig:
                 "the coarsest scale must hold at least one patch"
             )
         for value in self.output_scale:
-            if not value > 0:
+            if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"output_scale must be two positive factors, got {list(self.output_scale)}")
 
 
@@ -100,6 +100,8 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
     lo, hi = meta.get("range", (None, None))
     if value is None:
         return
+    if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and hi != math.inf)):
+        raise ConfigError(f"{key}={value} is not a finite number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise ConfigError(f"{key}={value} is out of range; valid: {bounds}")

@@ -20,7 +20,7 @@ from gigasid.core.noise_schedule import make_noise_schedule
 from gigasid.core.patches import grid_shape, to_hwc, unfold_rows
 from gigasid.core.pyramid import output_pyramid_shapes, pyramid_shapes, resample
 from gigasid.core.sampler import SampleResult, ScaleTiming, sample
-from gigasid.errors import InputError
+from gigasid.errors import ConfigError, InputError
 from gigasid.index.candidates import ReferenceCandidates
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -48,7 +48,10 @@ def reference_pyramid(image: torch.Tensor, config: JobConfig) -> list[torch.Tens
             "use a larger image or a smaller patch_size (--set patch_size=N)"
         )
     min_short = min(config.min_short_side, height, width)
-    shapes = pyramid_shapes(height, width, min_short_side=min_short, num_scales=config.num_scales)
+    try:
+        shapes = pyramid_shapes(height, width, min_short_side=min_short, num_scales=config.num_scales)
+    except ValueError as error:
+        raise ConfigError(f"{error} for this {height}x{width} image; lower num_scales or set it to null") from None
     levels = [image]
     for shape in shapes[1:]:
         levels.append(resample(levels[-1], shape))

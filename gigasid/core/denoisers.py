@@ -67,14 +67,15 @@ class ExactDenoiser:
         if alpha == 0.0:
             return self.mean.to(torch.float32).expand(queries.shape[0], -1).clone()
         out = torch.empty(queries.shape[0], self.centred.shape[1], dtype=torch.float32, device=queries.device)
-        # logits = (2 alpha x·y - alpha² ‖y‖²) / (2 sigma²): the scale goes into the query and the
-        # bias into the matmul's accumulator, so one addmm and one softmax make the weights
-        bias = (self.sq_norms * (-alpha * alpha / (2.0 * sigma * sigma))).to(self.compute_dtype)
+        # logits = (2 alpha x·y - alpha² ‖y‖²) / (2 sigma²): the scale goes into the query, the
+        # dot products come out of the matmul in compute_dtype (as in the paper's bfloat16
+        # bottleneck) and the bias is subtracted in float32, whose promotion is the only copy
+        bias = self.sq_norms * (alpha * alpha / (2.0 * sigma * sigma))
         for start in range(0, queries.shape[0], self.chunk):
             q = queries[start : start + self.chunk].to(self.accumulate) - alpha * self.mean
             q = (q * (alpha / (sigma * sigma))).to(self.compute_dtype)
-            logits = torch.addmm(bias, q, self.centred.T)
-            weights = torch.softmax(logits, dim=1)  # the max is subtracted inside, in float32
+            logits = torch.sub(q @ self.centred.T, bias)
+            weights = torch.softmax(logits, dim=1).to(self.compute_dtype)
             blended = (weights @ self.centred).to(self.accumulate)
             out[start : start + self.chunk] = blended + self.mean
         return out
@@ -143,7 +144,9 @@ class KnnDenoiser:
             dist = self.sq_norms[cand.clamp_min(0)] * (alpha * alpha) - 2.0 * alpha * cross
             logits = (-scale * dist).masked_fill(empty, -math.inf)
             weights = torch.softmax(logits, dim=1)
-            out[start : start + self.chunk] = torch.bmm(weights.unsqueeze(1), patches).squeeze(1)
+            blended = torch.bmm(weights.unsqueeze(1), patches).squeeze(1)
+            # a query with no candidate at all learns nothing from the data: answer the mean
+            out[start : start + self.chunk] = torch.where(empty.all(1, keepdim=True), self.mean, blended)
         return out
 
 

@@ -28,8 +28,9 @@ def pyramid_shapes(
     """Shapes of the Gaussian pyramid, finest first: level l is ⌈H·f^l⌉ × ⌈W·f^l⌉.
 
     With ``num_scales`` None the depth is the smallest that brings the short side down to
-    ``min_short_side``; a coarsest level that falls below it is pinned to exactly that short side
-    (keeping the aspect ratio, never larger than the level above).
+    ``min_short_side`` (or one less, when that last halving would overshoot far below it while the
+    level above is barely over), and the coarsest level is pinned to exactly that short side,
+    keeping the aspect ratio (never larger than the level above).
     """
     if min_short_side < 1:
         raise ValueError(f"min_short_side must be >= 1, got {min_short_side}")
@@ -38,12 +39,20 @@ def pyramid_shapes(
         factor = scale_factor**index
         return math.ceil(height * factor - 1e-9), math.ceil(width * factor - 1e-9)
 
+    derived = num_scales is None
     if num_scales is None:
         num_scales = 1
         while min(level(num_scales - 1)) > min_short_side:
             num_scales += 1
+        # the first level at or below min_short_side may overshoot far below it, while the level
+        # above is only just over it (200 → 25 → 13 for 24): then that level is the coarsest
+        if num_scales > 2:
+            above, last = min(level(num_scales - 2)), min(level(num_scales - 1))
+            if above / min_short_side < min_short_side / last:
+                num_scales -= 1
     shapes = [level(i) for i in range(num_scales)]
-    if num_scales > 1 and min(shapes[-1]) < min_short_side:
+    coarsest = min(shapes[-1])
+    if num_scales > 1 and (coarsest < min_short_side or (derived and coarsest != min_short_side)):
         above = shapes[-2]
         if min(above) < min_short_side:
             raise ValueError(

@@ -160,10 +160,12 @@ class ReferenceCandidates:
         spread = found[rows // stride][:, cols // stride]  # (grid_h, grid_w, k)
         d_row = (rows % stride)[:, None, None]
         d_col = (cols % stride)[None, :, None]
-        ref_row = (spread // ref_w + d_row).clamp(max=ref_h - 1)
-        ref_col = (spread % ref_w + d_col).clamp(max=ref_w - 1)
-        shifted = torch.where(spread >= 0, ref_row * ref_w + ref_col, spread)
-        return shifted.view(grid_h * grid_w, -1)
+        ref_row = spread // ref_w + d_row
+        ref_col = spread % ref_w + d_col
+        inside = (spread >= 0) & (ref_row < ref_h) & (ref_col < ref_w)
+        # a shift that leaves the reference keeps the searched match itself (still a close patch)
+        shifted = torch.where(inside, ref_row * ref_w + ref_col, spread)
+        return _drop_duplicates(shifted.view(grid_h * grid_w, -1))
 
     def _propagated(self, found: torch.Tensor, grid: tuple[int, int], periodic: bool) -> list[torch.Tensor]:
         """Neighbours' candidates shifted by one pixel toward this query (-1 where invalid)."""
@@ -202,3 +204,11 @@ class ReferenceCandidates:
         order = dist.topk(self.k, dim=1, largest=False).indices
         best = pool.gather(1, order)
         return best.masked_fill(invalid.gather(1, order), -1)
+
+
+def _drop_duplicates(candidates: torch.Tensor) -> torch.Tensor:
+    """Replace repeated ids within a row by -1 (a repeat would weigh twice in the softmax)."""
+    ordered, _ = candidates.sort(1)
+    repeated = torch.zeros_like(ordered, dtype=torch.bool)
+    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    return ordered.masked_fill(repeated, -1)

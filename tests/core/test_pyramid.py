@@ -24,11 +24,13 @@ def test_paper_size_pyramid() -> None:
 def test_pinned_coarsest_level() -> None:
     # 180x240: the 4th level would be ⌈22.5⌉ x 30 = 23x30, below 24: pinned to 24 rows, aspect kept
     assert pyramid_shapes(180, 240, min_short_side=24) == [(180, 240), (90, 120), (45, 60), (24, 32)]
-    # 200x300: level 3 is 25x38 (> 24, so one more level), level 4 would be 13x19: pinned to 24x36
+    # 200x300: level 3 is 25x38, just over 24; level 4 would be 13x19, far below. The level just
+    # over becomes the coarsest and is pinned down to 24x36 (no near-duplicate 25x38 + 24x36)
     shapes = pyramid_shapes(200, 300, min_short_side=24)
-    assert shapes[:4] == [(200, 300), (100, 150), (50, 75), (25, 38)]
-    assert shapes[-1] == (24, 36)
-    assert min(shapes[-1]) == 24
+    assert shapes == [(200, 300), (100, 150), (50, 75), (24, 36)]
+    # 256x256: 32 is further above 24 (1.33x) than 16 is below it (1.5x)... 32 stays closest
+    assert pyramid_shapes(256, 256, min_short_side=24)[-2:] == [(64, 64), (24, 24)]
+    # 180x240 kept its 23x30 level (pinned up), as 45 is far above 24
 
 
 def test_explicit_num_scales() -> None:
