@@ -22,7 +22,7 @@ from gigasid.core.denoisers import ExactDenoiser, KnnDenoiser
 from gigasid.core.image_denoiser import ImageDenoiser
 from gigasid.core.noise import gaussian_noise
 from gigasid.core.noise_schedule import flow_linear
-from gigasid.core.patches import grid_shape, to_hwc, unfold_rows
+from gigasid.core.patches import grid_shape, unfold_rows
 from gigasid.core.pyramid import resample
 from gigasid.index.candidates import ReferenceCandidates
 from gigasid.io.images import read_image
@@ -74,19 +74,19 @@ def main() -> None:
         for t in steps
     }
     grid_h, _ = grid_shape(height, width, size)
-    dataset = unfold_rows(to_hwc(reference), size, 0, grid_h)
+    dataset = unfold_rows(reference.contiguous(), size, 0, grid_h)
     exact = ImageDenoiser(ExactDenoiser(dataset, compute_dtype=torch.float32), patch_size=size, rho=0.2)
     truth, exact_topk = {}, {}
     for t in steps:
         truth[t] = exact(trajectory[t], float(alphas[t]), float(sigmas[t]), step=t)
         if alphas[t] > 0:
-            queries = unfold_rows(to_hwc(trajectory[t] / float(alphas[t])), size, 0, grid_h)
+            queries = unfold_rows((trajectory[t] / float(alphas[t])).contiguous(), size, 0, grid_h)
             norms = dataset.pow(2).sum(1)
             exact_topk[t] = torch.cat(
                 [(norms - 2 * q @ dataset.T).topk(args.k, largest=False).indices for q in queries.split(1024)]
             )
     rows = []
-    knn = KnnDenoiser(to_hwc(reference), size)
+    knn = KnnDenoiser(reference, size)
     for name, options in CONFIGS.items():
         source = _Timed(ReferenceCandidates(reference, size, k=args.k, **options))
         denoiser = ImageDenoiser(knn, patch_size=size, rho=0.2, candidate_source=source)

@@ -17,7 +17,7 @@ from gigasid.config import JobConfig
 from gigasid.core.denoisers import ExactDenoiser, FusedDenoiser, KnnDenoiser
 from gigasid.core.image_denoiser import ImageDenoiser
 from gigasid.core.noise_schedule import make_noise_schedule
-from gigasid.core.patches import grid_shape, to_hwc, unfold_rows
+from gigasid.core.patches import grid_shape, unfold_rows
 from gigasid.core.pyramid import output_pyramid_shapes, pyramid_shapes, resample
 from gigasid.core.sampler import SampleResult, ScaleTiming, sample
 from gigasid.errors import ConfigError, InputError
@@ -98,7 +98,7 @@ def _image_denoiser(level: torch.Tensor, config: JobConfig, *, periodic: bool) -
     backend = config.denoiser.backend
     source = None
     if backend == "knn":
-        patch_denoiser = KnnDenoiser(to_hwc(level), size)
+        patch_denoiser = KnnDenoiser(level, size)
         index = config.index
         source = ReferenceCandidates(
             level,
@@ -113,7 +113,7 @@ def _image_denoiser(level: torch.Tensor, config: JobConfig, *, periodic: bool) -
         )
     else:
         grid_h, _ = grid_shape(*level.shape[-2:], size)
-        dataset = unfold_rows(to_hwc(level), size, 0, grid_h)
+        dataset = unfold_rows(level.contiguous(), size, 0, grid_h)
         dense = ExactDenoiser if backend == "exact" else FusedDenoiser
         patch_denoiser = dense(dataset, compute_dtype=_DTYPES[config.denoiser.compute_dtype])
     return ImageDenoiser(patch_denoiser, patch_size=size, rho=config.rho, periodic=periodic, candidate_source=source)

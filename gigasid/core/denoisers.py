@@ -115,14 +115,14 @@ class FusedDenoiser:
 class KnnDenoiser:
     """Exact weights over given candidate positions; candidates are read from the reference image.
 
-    ``reference_hwc`` is the (H, W, C) reference at this scale. Candidate positions are flat
+    ``reference`` is the (C, H, W) reference at this scale. Candidate positions are flat
     indices into its (H-P+1) × (W-P+1) grid of patch corners, -1 for an empty slot.
     """
 
     needs_candidates = True
 
-    def __init__(self, reference_hwc: torch.Tensor, patch_size: int, *, chunk: int = 256):
-        self.reference = reference_hwc.to(torch.float32).contiguous()
+    def __init__(self, reference: torch.Tensor, patch_size: int, *, chunk: int = 256):
+        self.reference = reference.to(torch.float32).contiguous()
         self.patch_size, self.chunk = patch_size, chunk
         self.mean = patch_mean(self.reference, patch_size)
         self.sq_norms = patch_sq_norms(self.reference, patch_size)  # (N,), gathered by position
@@ -145,25 +145,27 @@ class KnnDenoiser:
             logits = (-scale * dist).masked_fill(empty, -math.inf)
             weights = torch.softmax(logits, dim=1)
             blended = torch.bmm(weights.unsqueeze(1), patches).squeeze(1)
-            # a query with no candidate at all learns nothing from the data: answer the mean
-            out[start : start + self.chunk] = torch.where(empty.all(1, keepdim=True), self.mean, blended)
+            lost = empty.all(1)
+            if bool(lost.any()):  # a query with no candidate at all learns nothing: the mean
+                blended[lost] = self.mean
+            out[start : start + self.chunk] = blended
         return out
 
 
-def patch_mean(reference_hwc: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """The mean of all patch rows of an (H, W, C) image, without building them: (P·P·C,)."""
-    height, width, _ = reference_hwc.shape
+def patch_mean(reference: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The mean of all patch rows of a (C, H, W) image, without building them: (C·P·P,)."""
+    _, height, width = reference.shape
     grid_h, grid_w = height - patch_size + 1, width - patch_size + 1
     means = [
-        reference_hwc[dy : dy + grid_h, dx : dx + grid_w].to(torch.float64).mean((0, 1))
+        reference[:, dy : dy + grid_h, dx : dx + grid_w].to(torch.float64).mean((1, 2))
         for dy in range(patch_size)
         for dx in range(patch_size)
     ]
-    return torch.stack(means).reshape(-1).to(torch.float32)
+    return torch.stack(means, 1).reshape(-1).to(torch.float32)  # (C, P·P) flattened
 
 
-def patch_sq_norms(reference_hwc: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """‖y‖² of every patch of an (H, W, C) image, flat over its patch grid: a box filter of ‖·‖²."""
-    energy = reference_hwc.to(torch.float64).pow(2).sum(-1)
+def patch_sq_norms(reference: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """‖y‖² of every patch of a (C, H, W) image, flat over its patch grid: a box filter of ‖·‖²."""
+    energy = reference.to(torch.float64).pow(2).sum(0)
     summed = F.avg_pool2d(energy[None, None], patch_size, 1)[0, 0] * (patch_size * patch_size)
     return summed.flatten().to(torch.float32)

@@ -18,7 +18,6 @@ from gigasid.core.patches import (
     grid_shape,
     patch_window,
     periodic_pad,
-    to_hwc,
     unfold_rows,
     window_sum,
     window_columns,
@@ -58,6 +57,13 @@ class ImageDenoiser:
         self.periodic = periodic
         self.candidate_source = candidate_source
         self.band_queries = band_queries
+        self._columns: torch.Tensor | None = None  # reused: fresh pages cost more than the fold
+
+    def _buffer(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        needed = shape[0] * shape[1]
+        if self._columns is None or self._columns.numel() < needed or self._columns.device != device:
+            self._columns = torch.empty(needed, dtype=torch.float32, device=device)
+        return self._columns[:needed].view(shape)
 
     def __call__(self, x_t: torch.Tensor, alpha: float, sigma: float, *, step: int | None = None) -> torch.Tensor:
         channels, height, width = x_t.shape
@@ -65,28 +71,28 @@ class ImageDenoiser:
         if not self.periodic and (height < size or width < size):
             raise ValueError(f"image {height}x{width} is smaller than the patch size {size}")
         window = self.window.to(device=x_t.device)
-        source = to_hwc(x_t.to(torch.float32))
+        source = x_t.to(torch.float32).contiguous()
         if self.periodic:
             source = periodic_pad(source, size)
         grid_h, grid_w = grid_shape(height, width, size, periodic=self.periodic)
         candidates = None
         if self.patch_denoiser.needs_candidates and alpha > 0.0:
             candidates = self.candidate_source(x_t, alpha, periodic=self.periodic, step=step)
-        canvas = torch.zeros((channels, *source.shape[:2]), dtype=torch.float32, device=x_t.device)
+        canvas = torch.zeros(source.shape, dtype=torch.float32, device=x_t.device)
         band = max(1, self.band_queries // grid_w)
         chunk = self.patch_denoiser.chunk
         for row0 in range(0, grid_h, band):
             row1 = min(grid_h, row0 + band)
             queries = unfold_rows(source, size, row0, row1)
             count = queries.shape[0]
-            columns = torch.empty((channels, size, size, count), dtype=torch.float32, device=x_t.device)
+            columns = self._buffer((queries.shape[1], count), x_t.device)
             first = row0 * grid_w
             for start in range(0, count, chunk):
                 stop = min(count, start + chunk)
                 cand = None if candidates is None else candidates[first + start : first + stop]
                 denoised = self.patch_denoiser(queries[start:stop], alpha, sigma, cand)
-                columns[..., start:stop] = window_columns(denoised, window)
-            fold_columns(canvas, columns, row0, grid_w)
+                window_columns(denoised, window, out=columns[:, start:stop])
+            fold_columns(canvas, columns, row0, grid_w, size)
         if self.periodic:
             canvas = wrap_periodic(canvas, height, width)
         canvas /= window_sum(height, width, window, periodic=self.periodic)

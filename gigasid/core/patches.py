@@ -1,9 +1,10 @@
 """Patch geometry: unfold an image into patch rows, fold denoised patches back, gather by position.
 
-A patch row is a P×P×C patch flattened in (row, col, channel) order, so that one patch is P
-contiguous runs of P·C values in an (H, W, C) image. That layout lets :func:`gather_patches` read
-a reference patch straight out of the image by its top-left position without ever building the
-N×D matrix of all reference patches.
+A patch row is a C×P×P patch flattened in (channel, row, col) order — the order ``F.fold``
+expects, so denoised rows reach the fold through one plain 2-D transpose. In a (C, H, W) image
+one patch is C·P contiguous runs of P values, which lets :func:`gather_patches` read a reference
+patch straight out of the image by its top-left position without ever building the N×D matrix of
+all reference patches.
 
 Positions are flat indices ``row * W_grid + col`` into the grid of patch top-left corners. Plain
 patches tile the image without padding (grid (H-P+1) × (W-P+1)); periodic patches wrap around the
@@ -38,87 +39,77 @@ def grid_shape(height: int, width: int, patch_size: int, *, periodic: bool = Fal
     return height - patch_size + 1, width - patch_size + 1
 
 
-def to_hwc(image: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) → contiguous (H, W, C), the layout patch rows are read from."""
-    return image.permute(1, 2, 0).contiguous()
+def _run_view(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Overlapping view (C·H·W - P + 1, P) of a contiguous (C, H, W) image: row n is the P values
+    starting at flat index n. No copy; a patch is C·P rows of this view."""
+    total = image.numel()
+    return image.as_strided((total - patch_size + 1, patch_size), (1, 1), image.storage_offset())
 
 
-def _row_view(image_hwc: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Overlapping view (H·W - P + 1, P·C): row n is the P pixels starting at flat pixel n.
+def unfold_rows(image: torch.Tensor, patch_size: int, row0: int, row1: int) -> torch.Tensor:
+    """Patch rows (M, C·P·P) of the patches whose top-left row is in [row0, row1), all columns.
 
-    No copy: a patch at (r, c) is rows (r + dy)·W + c for dy < P of this view.
+    ``image`` is a contiguous (C, H, W) tensor; for a periodic image the caller passes it padded
+    by P-1 (see :func:`periodic_pad`).
     """
-    height, width, channels = image_hwc.shape
-    length = height * width - patch_size + 1
-    return image_hwc.as_strided((length, patch_size * channels), (channels, 1))
-
-
-def unfold_rows(
-    image_hwc: torch.Tensor, patch_size: int, row0: int, row1: int, *, periodic: bool = False
-) -> torch.Tensor:
-    """Patch rows (M, P·P·C) of the patches whose top-left row is in [row0, row1), all columns.
-
-    For a periodic image the caller passes the image padded by P-1 (see :func:`periodic_pad`).
-    """
-    height, width, channels = image_hwc.shape
+    channels, height, width = image.shape
     grid_w = width - patch_size + 1
-    view = image_hwc.as_strided(
-        (row1 - row0, grid_w, patch_size, patch_size * channels),
-        (width * channels, channels, width * channels, 1),
-        image_hwc.storage_offset() + row0 * width * channels,
+    view = image.as_strided(
+        (row1 - row0, grid_w, channels, patch_size, patch_size),
+        (width, 1, height * width, width, 1),
+        image.storage_offset() + row0 * width,
     )
-    return view.reshape(-1, patch_size * patch_size * channels)
+    return view.reshape(-1, channels * patch_size * patch_size)
 
 
-def periodic_pad(image_hwc: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Wrap the first P-1 rows and columns around to the bottom and right."""
+def periodic_pad(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Wrap the first P-1 rows and columns of a (C, H, W) image around to the bottom and right."""
     extra = patch_size - 1
     if extra == 0:
-        return image_hwc
-    rows = torch.cat([image_hwc, image_hwc[:extra]], dim=0)
-    return torch.cat([rows, rows[:, :extra]], dim=1).contiguous()
+        return image.contiguous()
+    return F.pad(image[None], (0, extra, 0, extra), mode="circular")[0].contiguous()
 
 
-def gather_patches(image_hwc: torch.Tensor, positions: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Patch rows of ``image_hwc`` at flat grid positions: (*positions.shape, P·P·C).
+def gather_patches(image: torch.Tensor, positions: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Patch rows of a contiguous (C, H, W) image at flat grid positions: (*positions.shape, C·P·P).
 
-    Reads P runs of P·C values per patch from the image itself; the patch matrix is never built.
+    Reads C·P runs of P values per patch from the image itself; the patch matrix is never built.
     """
-    height, width, channels = image_hwc.shape
+    channels, height, width = image.shape
     grid_w = width - patch_size + 1
     top = torch.div(positions, grid_w, rounding_mode="floor")
-    left = positions - top * grid_w
-    first = top * width + left  # flat pixel index of the top-left corner
-    offsets = torch.arange(patch_size, device=positions.device) * width
+    first = top * width + (positions - top * grid_w)  # flat index of the top-left corner
+    offsets = (
+        torch.arange(channels, device=positions.device)[:, None] * (height * width)
+        + torch.arange(patch_size, device=positions.device)[None, :] * width
+    ).reshape(-1)
     runs = (first.unsqueeze(-1) + offsets).reshape(-1)
-    rows = _row_view(image_hwc, patch_size).index_select(0, runs)
-    return rows.reshape(*positions.shape, patch_size * patch_size * channels)
+    rows = _run_view(image, patch_size).index_select(0, runs)
+    return rows.reshape(*positions.shape, channels * patch_size * patch_size)
 
 
-def window_columns(patches: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Window-weight patch rows (m, P·P·C) and transpose them to fold columns (C, P, P, m).
+def window_columns(patches: torch.Tensor, window: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Window-weight patch rows (m, C·P·P) and transpose them to fold columns (C·P·P, m).
 
-    Called on small pieces so that the transpose happens in cache.
+    Called on small pieces, writing into ``out`` (a column slice of the fold buffer), so the
+    transpose happens in cache and in the same pass as the weighting.
     """
-    patch_size = window.shape[0]
-    rows = patches.view(patches.shape[0], patch_size, patch_size, -1)
-    return (rows * window[:, :, None]).permute(3, 1, 2, 0)
+    channels = patches.shape[1] // window.numel()
+    weighted = patches * window.reshape(1, 1, -1).expand(1, channels, -1).reshape(1, -1)
+    if out is None:
+        return weighted.t().contiguous()
+    return out.copy_(weighted.t())  # copy_ has a blocked 2-D transpose; mul(out=) does not
 
 
-def fold_columns(canvas: torch.Tensor, columns: torch.Tensor, row0: int, grid_w: int) -> None:
-    """Add fold columns (C, P, P, L) of the patches with top-left rows row0.. into ``canvas``.
+def fold_columns(canvas: torch.Tensor, columns: torch.Tensor, row0: int, grid_w: int, patch_size: int) -> None:
+    """Add fold columns (C·P·P, L) of the patches with top-left rows row0.. into ``canvas``.
 
     The L patches are in raster order over a grid of width ``grid_w``. ``canvas`` (C, H', W') must
     cover every pixel they touch (the padded extent for a periodic image; see
     :func:`wrap_periodic`).
     """
-    channels, patch_size, _, count = columns.shape
-    band = count // grid_w
-    folded = F.fold(
-        columns.reshape(1, channels * patch_size * patch_size, count),
-        (band + patch_size - 1, grid_w + patch_size - 1),
-        patch_size,
-    )
+    band = columns.shape[1] // grid_w
+    folded = F.fold(columns[None], (band + patch_size - 1, grid_w + patch_size - 1), patch_size)
     canvas[:, row0 : row0 + band + patch_size - 1, : grid_w + patch_size - 1] += folded[0]
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gigasid.core.patches import grid_shape
+from gigasid.core.patches import grid_shape, unfold_rows
 from gigasid.index.search import IndexKind, build_index
 
 
@@ -113,8 +113,8 @@ class ReferenceCandidates:
         self._previous: tuple[int, torch.Tensor] | None = None  # (step, candidates)
 
     def _raw_rows(self, image: torch.Tensor) -> torch.Tensor:
-        patches = image.unfold(1, self.patch_size, 1).unfold(2, self.patch_size, 1)
-        return patches.permute(1, 2, 0, 3, 4).reshape(-1, image.shape[0] * self.patch_size**2).float()
+        image = image.to(torch.float32).contiguous()
+        return unfold_rows(image, self.patch_size, 0, image.shape[1] - self.patch_size + 1)
 
     def query_vectors(self, image: torch.Tensor) -> torch.Tensor:
         if self.features is None:

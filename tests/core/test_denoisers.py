@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gigasid.core.denoisers import ExactDenoiser, FusedDenoiser, KnnDenoiser
-from gigasid.core.patches import gather_patches, grid_shape, to_hwc, unfold_rows
+from gigasid.core.patches import gather_patches, grid_shape, unfold_rows
 
 # (alpha, sigma) pairs from the flow_linear schedule's range, including its least noisy
 # evaluation point (sigma = 1e-4) where the softmax is a hard argmax.
@@ -113,15 +113,15 @@ def _reference(seed: int = 3) -> torch.Tensor:
 
 def test_gather_patches_reads_the_dataset_rows() -> None:
     size = 5
-    reference = to_hwc(_reference())
+    reference = _reference().contiguous()
     grid_h, grid_w = grid_shape(20, 24, size)
     dataset = unfold_rows(reference, size, 0, grid_h)
     assert dataset.shape == (grid_h * grid_w, 3 * size * size)
     positions = torch.tensor([[0, 1, grid_w], [grid_h * grid_w - 1, 37, grid_w * 7 + 3]])
     assert torch.equal(gather_patches(reference, positions, size), dataset[positions])
-    # row layout: a patch row is the (row, col, channel)-ordered P×P×C block at its corner
+    # row layout: a patch row is the (channel, row, col)-ordered C×P×P block at its corner
     top, left = divmod(37, grid_w)
-    block = reference[top : top + size, left : left + size].reshape(-1)
+    block = reference[:, top : top + size, left : left + size].reshape(-1)
     assert torch.equal(dataset[37], block)
 
 
@@ -129,7 +129,7 @@ def test_gather_patches_reads_the_dataset_rows() -> None:
 def test_knn_with_every_candidate_equals_exact(alpha: float, sigma: float) -> None:
     size = 5
     image = _reference()
-    reference = to_hwc(image)
+    reference = image.contiguous()
     grid_h, _ = grid_shape(20, 24, size)
     dataset = unfold_rows(reference, size, 0, grid_h)
     count = dataset.shape[0]
@@ -146,7 +146,7 @@ def test_knn_with_every_candidate_equals_exact(alpha: float, sigma: float) -> No
 
 def test_knn_ignores_empty_candidates() -> None:
     size = 5
-    reference = to_hwc(_reference())
+    reference = _reference().contiguous()
     knn = KnnDenoiser(reference, size)
     grid_h, grid_w = grid_shape(20, 24, size)
     dataset = unfold_rows(reference, size, 0, grid_h)
@@ -170,7 +170,7 @@ def test_knn_ignores_empty_candidates() -> None:
 
 def test_knn_alpha_zero_is_the_patch_mean() -> None:
     size = 5
-    reference = to_hwc(_reference())
+    reference = _reference().contiguous()
     grid_h, _ = grid_shape(20, 24, size)
     dataset = unfold_rows(reference, size, 0, grid_h)
     out = KnnDenoiser(reference, size)(torch.zeros(4, dataset.shape[1]), 0.0, 1.0, None)
@@ -178,7 +178,7 @@ def test_knn_alpha_zero_is_the_patch_mean() -> None:
 
 
 def test_knn_without_candidates_raises() -> None:
-    reference = to_hwc(_reference())
+    reference = _reference().contiguous()
     with pytest.raises(ValueError, match="candidate"):
         KnnDenoiser(reference, 5)(torch.zeros(2, 75), 0.5, 0.5, None)
 

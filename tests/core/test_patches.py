@@ -19,7 +19,6 @@ from gigasid.core.patches import (
     grid_shape,
     patch_window,
     periodic_pad,
-    to_hwc,
     unfold_rows,
     window_columns,
     window_sum,
@@ -118,14 +117,14 @@ def test_periodic_unfold_and_fold_by_hand() -> None:
     """Periodic patches are the patches of the wrapped image; folding wraps the overhang back."""
     size, (channels, height, width) = 3, (2, 5, 7)
     image = _image(channels, height, width)
-    padded = periodic_pad(to_hwc(image), size)
+    padded = periodic_pad(image, size)
     rows = unfold_rows(padded, size, 0, height)
     assert rows.shape == (height * width, size * size * channels)
     for row, col in [(0, 0), (4, 6), (3, 5), (2, 1)]:
         rolled = torch.roll(image, (-row, -col), (1, 2))[:, :size, :size]
-        assert torch.equal(rows[row * width + col], to_hwc(rolled).reshape(-1))
+        assert torch.equal(rows[row * width + col], rolled[:, :size, :size].reshape(-1))
     window = patch_window(size, 0.5)
     canvas = torch.zeros(channels, height + size - 1, width + size - 1)
-    fold_columns(canvas, window_columns(rows, window), 0, width)
+    fold_columns(canvas, window_columns(rows, window), 0, width, size)
     folded = wrap_periodic(canvas, height, width) / window_sum(height, width, window, periodic=True)
     torch.testing.assert_close(folded, image, atol=1e-6, rtol=0)

@@ -17,7 +17,7 @@ from gigasid import jobs
 from gigasid.config import JobConfig, from_mapping
 from gigasid.core.denoisers import ExactDenoiser
 from gigasid.core.image_denoiser import ImageDenoiser
-from gigasid.core.patches import grid_shape, to_hwc, unfold_rows
+from gigasid.core.patches import grid_shape, unfold_rows
 from gigasid.core.pyramid import resample
 
 BACKENDS = {
@@ -120,7 +120,7 @@ def test_periodic_image_denoiser_is_roll_equivariant() -> None:
     image = texture(24, 28, seed=5)
     size = 5
     grid_h, _ = grid_shape(24, 28, size)
-    dataset = unfold_rows(to_hwc(image), size, 0, grid_h)
+    dataset = unfold_rows(image.contiguous(), size, 0, grid_h)
     denoiser = ImageDenoiser(
         ExactDenoiser(dataset, compute_dtype=torch.float32),
         patch_size=size,
