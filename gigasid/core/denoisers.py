@@ -30,6 +30,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from gigasid.core import knn_fold
 from gigasid.core.patches import gather_patches
 
 BackendName = Literal["exact", "fused", "knn"]
@@ -121,8 +122,9 @@ class KnnDenoiser:
 
     needs_candidates = True
 
-    def __init__(self, reference: torch.Tensor, patch_size: int, *, chunk: int = 256):
+    def __init__(self, reference: torch.Tensor, patch_size: int, *, chunk: int = 256, compiled: bool = True):
         self.reference = reference.to(torch.float32).contiguous()
+        self.compiled = compiled and knn_fold.available()
         self.patch_size, self.chunk = patch_size, chunk
         self.mean = patch_mean(self.reference, patch_size)
         self.sq_norms = patch_sq_norms(self.reference, patch_size)  # (N,), gathered by position
@@ -150,6 +152,29 @@ class KnnDenoiser:
                 blended[lost] = self.mean
             out[start : start + self.chunk] = blended
         return out
+
+    def fold_image(self, source, candidates, alpha, sigma, window, canvas, grid_h, grid_w) -> bool:
+        """Denoise every patch of ``source`` and fold it into ``canvas`` in one compiled pass.
+
+        The CPU fast path (:mod:`gigasid.core.knn_fold`); returns False where it does not apply
+        (CUDA tensors, numba missing, ``compiled=False``) and the caller runs the generic loop.
+        """
+        if not self.compiled or source.device.type != "cpu":
+            return False
+        knn_fold.fold_knn(
+            source.numpy(),
+            self.reference.numpy(),
+            self.sq_norms.numpy(),
+            None if candidates is None else candidates.contiguous().numpy(),
+            window.to(torch.float32).contiguous().numpy(),
+            self.mean.numpy(),
+            alpha,
+            sigma,
+            grid_h,
+            grid_w,
+            canvas.numpy(),
+        )
+        return True
 
 
 def patch_mean(reference: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -28,6 +28,23 @@ from gigasid.core.patches import (
 class CandidateSource(Protocol):
     """Finds candidate reference positions for every patch of a noisy image."""
 
+    def _fold_bands(self, source, candidates, alpha, sigma, window, canvas, grid_h, grid_w) -> None:
+        """The generic path: unfold a band of patch rows, denoise it in chunks, fold it."""
+        size, chunk = self.patch_size, self.patch_denoiser.chunk
+        band = max(1, self.band_queries // grid_w)
+        for row0 in range(0, grid_h, band):
+            row1 = min(grid_h, row0 + band)
+            queries = unfold_rows(source, size, row0, row1)
+            count = queries.shape[0]
+            columns = self._buffer((queries.shape[1], count), source.device)
+            first = row0 * grid_w
+            for start in range(0, count, chunk):
+                stop = min(count, start + chunk)
+                cand = None if candidates is None else candidates[first + start : first + stop]
+                denoised = self.patch_denoiser(queries[start:stop], alpha, sigma, cand)
+                window_columns(denoised, window, out=columns[:, start:stop])
+            fold_columns(canvas, columns, row0, grid_w, size)
+
     def __call__(self, x_t: torch.Tensor, alpha: float, *, periodic: bool, step: int | None) -> torch.Tensor:
         """x_t (C, H, W) → (grid_h·grid_w, k) int64 positions in the reference grid (-1 = none).
 
@@ -65,6 +82,23 @@ class ImageDenoiser:
             self._columns = torch.empty(needed, dtype=torch.float32, device=device)
         return self._columns[:needed].view(shape)
 
+    def _fold_bands(self, source, candidates, alpha, sigma, window, canvas, grid_h, grid_w) -> None:
+        """The generic path: unfold a band of patch rows, denoise it in chunks, fold it."""
+        size, chunk = self.patch_size, self.patch_denoiser.chunk
+        band = max(1, self.band_queries // grid_w)
+        for row0 in range(0, grid_h, band):
+            row1 = min(grid_h, row0 + band)
+            queries = unfold_rows(source, size, row0, row1)
+            count = queries.shape[0]
+            columns = self._buffer((queries.shape[1], count), source.device)
+            first = row0 * grid_w
+            for start in range(0, count, chunk):
+                stop = min(count, start + chunk)
+                cand = None if candidates is None else candidates[first + start : first + stop]
+                denoised = self.patch_denoiser(queries[start:stop], alpha, sigma, cand)
+                window_columns(denoised, window, out=columns[:, start:stop])
+            fold_columns(canvas, columns, row0, grid_w, size)
+
     def __call__(self, x_t: torch.Tensor, alpha: float, sigma: float, *, step: int | None = None) -> torch.Tensor:
         channels, height, width = x_t.shape
         size = self.patch_size
@@ -79,20 +113,9 @@ class ImageDenoiser:
         if self.patch_denoiser.needs_candidates and alpha > 0.0:
             candidates = self.candidate_source(x_t, alpha, periodic=self.periodic, step=step)
         canvas = torch.zeros(source.shape, dtype=torch.float32, device=x_t.device)
-        band = max(1, self.band_queries // grid_w)
-        chunk = self.patch_denoiser.chunk
-        for row0 in range(0, grid_h, band):
-            row1 = min(grid_h, row0 + band)
-            queries = unfold_rows(source, size, row0, row1)
-            count = queries.shape[0]
-            columns = self._buffer((queries.shape[1], count), x_t.device)
-            first = row0 * grid_w
-            for start in range(0, count, chunk):
-                stop = min(count, start + chunk)
-                cand = None if candidates is None else candidates[first + start : first + stop]
-                denoised = self.patch_denoiser(queries[start:stop], alpha, sigma, cand)
-                window_columns(denoised, window, out=columns[:, start:stop])
-            fold_columns(canvas, columns, row0, grid_w, size)
+        fold_image = getattr(self.patch_denoiser, "fold_image", None)
+        if fold_image is None or not fold_image(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w):
+            self._fold_bands(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w)
         if self.periodic:
             canvas = wrap_periodic(canvas, height, width)
         canvas /= window_sum(height, width, window, periodic=self.periodic)
