@@ -128,6 +128,7 @@ class KnnDenoiser:
         self.patch_size, self.chunk = patch_size, chunk
         self.mean = patch_mean(self.reference, patch_size)
         self.sq_norms = patch_sq_norms(self.reference, patch_size)  # (N,), gathered by position
+        self._kernel = None  # the compiled CPU path, bound to this reference on first use
 
     def __call__(self, queries, alpha, sigma, candidates=None):
         if alpha == 0.0:
@@ -161,13 +162,14 @@ class KnnDenoiser:
         """
         if not self.compiled or source.device.type != "cpu":
             return False
-        knn_fold.fold_knn(
+        if self._kernel is None:
+            self._kernel = knn_fold.CompiledKnnFold(
+                self.reference.numpy(), self.sq_norms.numpy(), self.mean.numpy(), self.patch_size
+            )
+        self._kernel(
             source.numpy(),
-            self.reference.numpy(),
-            self.sq_norms.numpy(),
             None if candidates is None else candidates.contiguous().numpy(),
-            window.to(torch.float32).contiguous().numpy(),
-            self.mean.numpy(),
+            window.to(torch.float32).numpy(),
             alpha,
             sigma,
             grid_h,

@@ -112,26 +112,32 @@ if numba is not None:
             canvas[start : start + rows] += buffers[piece, : rows * row_len].reshape((rows, row_len))
 
 
-def fold_knn(source, reference, ref_sq, candidates, window, mean_patch, alpha, sigma, grid_h, grid_w, canvas):
-    """Add the window-weighted knn estimates of every patch of ``source`` into ``canvas``.
+class CompiledKnnFold:
+    """The kernel bound to one reference: its (H, W, C) copy and mean patch are made once."""
 
-    All arguments are numpy arrays (float32 images, int64 candidates) except the scalars; see
-    ``KnnDenoiser`` for their meaning. ``candidates`` may be None when alpha = 0.
-    """
-    if candidates is None:
-        candidates = np.full((grid_h * grid_w, 1), -1, dtype=np.int64)
-    channels, size = source.shape[0], window.shape[0]
-    # (C, H, W) → (H, W, C); the window and the mean patch repeated/reordered to match
-    source_hwc = np.ascontiguousarray(source.transpose(1, 2, 0))
-    reference_hwc = np.ascontiguousarray(reference.transpose(1, 2, 0))
-    window_runs = np.ascontiguousarray(np.repeat(window, channels, axis=1))
-    mean_runs = np.ascontiguousarray(mean_patch.reshape(channels, size, size).transpose(1, 2, 0).reshape(size, -1))
-    height, width = canvas.shape[1:]
-    canvas_hwc = np.zeros((height, width * channels), dtype=canvas.dtype)
-    pieces = max(1, min(grid_h, 2 * numba.get_num_threads()))
-    _fold_image(
-        source_hwc.ravel(), source_hwc.shape[1] * channels, reference_hwc.ravel(), reference_hwc.shape[1] * channels,
-        ref_sq, candidates, window_runs, mean_runs.ravel(), float(alpha), float(sigma),
-        grid_h, grid_w, canvas_hwc, pieces,
-    )
-    canvas += canvas_hwc.reshape(height, width, channels).transpose(2, 0, 1)
+    def __init__(self, reference: np.ndarray, ref_sq: np.ndarray, mean_patch: np.ndarray, patch_size: int):
+        channels = reference.shape[0]
+        self.channels, self.patch_size = channels, patch_size
+        self.reference = np.ascontiguousarray(reference.transpose(1, 2, 0))  # (H, W, C)
+        self.row_len = self.reference.shape[1] * channels
+        self.ref_sq = np.ascontiguousarray(ref_sq, dtype=np.float32)
+        # mean patch (C, P, P) → P runs of P·C values, the kernel's patch-row layout
+        runs = mean_patch.reshape(channels, patch_size, patch_size).transpose(1, 2, 0)
+        self.mean = np.ascontiguousarray(runs.reshape(-1), dtype=np.float32)
+
+    def __call__(self, source, candidates, window, alpha, sigma, grid_h, grid_w, canvas) -> None:
+        """Add the window-weighted knn estimates of every patch of ``source`` (C, H', W') into
+        ``canvas`` (C, H', W'); ``candidates`` (grid_h·grid_w, k) int64 or None (alpha = 0)."""
+        if candidates is None:
+            candidates = np.full((grid_h * grid_w, 1), -1, dtype=np.int64)
+        channels = self.channels
+        source_hwc = np.ascontiguousarray(source.transpose(1, 2, 0))
+        window_runs = np.ascontiguousarray(np.repeat(window, channels, axis=1), dtype=np.float32)
+        height, width = canvas.shape[1:]
+        canvas_hwc = np.zeros((height, width * channels), dtype=np.float32)
+        pieces = max(1, min(grid_h, 2 * numba.get_num_threads()))
+        _fold_image(
+            source_hwc.reshape(-1), width * channels, self.reference.reshape(-1), self.row_len, self.ref_sq,
+            candidates, window_runs, self.mean, float(alpha), float(sigma), grid_h, grid_w, canvas_hwc, pieces,
+        )
+        canvas += canvas_hwc.reshape(height, width, channels).transpose(2, 0, 1)
