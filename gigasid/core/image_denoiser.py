@@ -45,10 +45,22 @@ class CandidateSource(Protocol):
                 window_columns(denoised, window, out=columns[:, start:stop])
             fold_columns(canvas, columns, row0, grid_w, size)
 
-    def __call__(self, x_t: torch.Tensor, alpha: float, *, periodic: bool, step: int | None) -> torch.Tensor:
+    def __call__(
+        self,
+        x_t: torch.Tensor,
+        alpha: float,
+        *,
+        periodic: bool,
+        step: int | None,
+        origin: tuple[int, int] = (0, 0),
+        global_grid: tuple[int, int] | None = None,
+        crop: bool = False,
+    ) -> torch.Tensor:
         """x_t (C, H, W) → (grid_h·grid_w, k) int64 positions in the reference grid (-1 = none).
 
         ``step`` is the sampler's step index: a source may reuse what it found at step + 1.
+        With ``crop`` x_t is a plain crop of a larger image (periodic or not) whose patch grid is
+        ``global_grid``, and ``origin`` is the global (row, col) of its first patch.
         """
         ...
 
@@ -99,24 +111,46 @@ class ImageDenoiser:
                 window_columns(denoised, window, out=columns[:, start:stop])
             fold_columns(canvas, columns, row0, grid_w, size)
 
-    def __call__(self, x_t: torch.Tensor, alpha: float, sigma: float, *, step: int | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x_t: torch.Tensor,
+        alpha: float,
+        sigma: float,
+        *,
+        step: int | None = None,
+        origin: tuple[int, int] | None = None,
+        global_grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """x_hat of x_t.
+
+        A crop of a larger image (a tile and its halo) passes ``origin``, the global (row, col)
+        of its first patch, and ``global_grid``, the whole image's patch grid: it is denoised as a
+        plain image (its edges are not the image's; the caller keeps only the part far enough
+        inside), with candidates chosen by global position.
+        """
         channels, height, width = x_t.shape
         size = self.patch_size
-        if not self.periodic and (height < size or width < size):
+        periodic = self.periodic and origin is None
+        if not periodic and (height < size or width < size):
             raise ValueError(f"image {height}x{width} is smaller than the patch size {size}")
         window = self.window.to(device=x_t.device)
         source = x_t.to(torch.float32).contiguous()
-        if self.periodic:
+        if periodic:
             source = periodic_pad(source, size)
-        grid_h, grid_w = grid_shape(height, width, size, periodic=self.periodic)
+        grid_h, grid_w = grid_shape(height, width, size, periodic=periodic)
         candidates = None
         if self.patch_denoiser.needs_candidates and alpha > 0.0:
-            candidates = self.candidate_source(x_t, alpha, periodic=self.periodic, step=step)
-        canvas = torch.zeros(source.shape, dtype=torch.float32, device=x_t.device)
+            candidates = self.candidate_source(
+                x_t, alpha, periodic=self.periodic, step=step, origin=origin or (0, 0), global_grid=global_grid,
+                crop=origin is not None,
+            )
+        # float64 canvas: each pixel's sum of patch contributions, and the periodic wrap, come
+        # out the same whatever the crop (tile) or the thread split
+        canvas = torch.zeros(source.shape, dtype=torch.float64, device=x_t.device)
         fold_image = getattr(self.patch_denoiser, "fold_image", None)
         if fold_image is None or not fold_image(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w):
             self._fold_bands(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w)
-        if self.periodic:
+        if periodic:
             canvas = wrap_periodic(canvas, height, width)
-        canvas /= window_sum(height, width, window, periodic=self.periodic)
-        return canvas
+        canvas /= window_sum(height, width, window.double(), periodic=periodic)
+        return canvas.to(torch.float32)

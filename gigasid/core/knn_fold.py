@@ -134,7 +134,9 @@ class CompiledKnnFold:
         source_hwc = np.ascontiguousarray(source.transpose(1, 2, 0))
         window_runs = np.ascontiguousarray(np.repeat(window, channels, axis=1), dtype=np.float32)
         height, width = canvas.shape[1:]
-        canvas_hwc = np.zeros((height, width * channels), dtype=np.float32)
+        # float64 accumulation: a pixel's sum must not depend on where the kernel split the rows
+        # between threads (nor on the crop a tile passes), or near-tied candidates flip later
+        canvas_hwc = np.zeros((height, width * channels), dtype=np.float64)
         pieces = max(1, min(grid_h, 2 * numba.get_num_threads()))
         _fold_image(
             source_hwc.reshape(-1), width * channels, self.reference.reshape(-1), self.row_len, self.ref_sq,

@@ -109,7 +109,8 @@ def fold_columns(canvas: torch.Tensor, columns: torch.Tensor, row0: int, grid_w:
     :func:`wrap_periodic`).
     """
     band = columns.shape[1] // grid_w
-    folded = F.fold(columns[None], (band + patch_size - 1, grid_w + patch_size - 1), patch_size)
+    shape = (band + patch_size - 1, grid_w + patch_size - 1)
+    folded = F.fold(columns[None].to(canvas.dtype), shape, patch_size)  # summed in the canvas' precision
     canvas[:, row0 : row0 + band + patch_size - 1, : grid_w + patch_size - 1] += folded[0]
 
 

@@ -94,11 +94,18 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
 
 
 def resample_taps(
-    in_len: int, out_len: int, *, periodic: bool = False, out_range: tuple[int, int] | None = None
+    in_len: int,
+    out_len: int,
+    *,
+    periodic: bool = False,
+    out_range: tuple[int, int] | None = None,
+    wrap: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, weights), each (n_out, taps): output i = Σ_t weights[i, t] · input[indices[i, t]].
 
     ``out_range`` restricts to output indices [o0, o1) (a tile). Weights are float64 and sum to 1.
+    With ``wrap=False`` a periodic axis keeps the raw indices (below 0 or ≥ in_len past an edge),
+    which is how a tile knows the contiguous input range it reads.
     """
     o0, o1 = out_range if out_range is not None else (0, out_len)
     ratio = in_len / out_len
@@ -110,7 +117,8 @@ def resample_taps(
     indices = first[:, None] + torch.arange(taps, dtype=torch.int64)[None, :]
     weights = _cubic((indices.to(torch.float64) - centres[:, None]) / stretch)
     if periodic:
-        indices = indices % in_len
+        if wrap:
+            indices = indices % in_len
     else:
         outside = (indices < 0) | (indices >= in_len)
         weights = weights.masked_fill(outside, 0.0)
@@ -119,14 +127,38 @@ def resample_taps(
     return indices, weights
 
 
-def resample_axis(image: torch.Tensor, axis: int, out_len: int, *, periodic: bool = False) -> torch.Tensor:
-    """Resample one axis of a tensor to ``out_len`` with antialiased cubic taps."""
-    in_len = image.shape[axis]
-    if in_len == out_len:
-        return image
-    indices, weights = resample_taps(in_len, out_len, periodic=periodic)
+def resample_axis(
+    image: torch.Tensor,
+    axis: int,
+    out_len: int,
+    *,
+    periodic: bool = False,
+    in_len: int | None = None,
+    src_start: int = 0,
+    out_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Resample one axis to ``out_len`` with antialiased cubic taps.
+
+    A tile passes the part it holds: ``image`` covers input positions [src_start, src_start + n)
+    of an axis of length ``in_len`` (unwrapped on a periodic axis), and only output positions
+    ``out_range`` (unwrapped too) are computed. The whole-image call is the special case, so a
+    tile computes each output value with exactly the same taps and arithmetic.
+    """
+    in_len = image.shape[axis] if in_len is None else in_len
+    o0, o1 = out_range if out_range is not None else (0, out_len)
+    positions = torch.arange(o0, o1)
+    if in_len == out_len:  # identity: the output is the input at the same positions
+        return image.narrow(axis, o0 - src_start, o1 - o0)
+    wrapped = positions % out_len if periodic else positions
+    first, last = int(wrapped.min()), int(wrapped.max()) + 1
+    indices, weights = resample_taps(in_len, out_len, periodic=periodic, out_range=(first, last))
+    indices, weights = indices[wrapped - first], weights[wrapped - first]
+    # where the held part starts; on a periodic axis a position and its wraps are the same value
+    local = (indices - src_start) % in_len if periodic else indices - src_start
+    if int(local.min()) < 0 or int(local.max()) >= image.shape[axis]:
+        raise ValueError("resample_axis: the input does not cover the taps of the requested outputs")
     moved = image.movedim(axis, -1)
-    gathered = moved[..., indices.to(image.device)]  # (..., out, taps)
+    gathered = moved[..., local.to(image.device)]  # (..., out, taps)
     out = (gathered * weights.to(image.device, image.dtype)).sum(-1)
     return out.movedim(-1, axis).contiguous()
 

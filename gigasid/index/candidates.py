@@ -55,23 +55,25 @@ class PatchFeatures:
             torch.manual_seed(seed)
             _, _, vectors = torch.svd_lowrank(centred, q=min(full, self.dims + 8), niter=3)
         basis = vectors[:, : self.dims]  # (full, dims)
-        self.filters = basis.T.reshape(self.dims, channels, patch_size, patch_size).to(torch.float32)
-        self.offset = (self.mean @ basis).to(torch.float32)
+        # features are computed in float64 so that a tile's crop gets bit-identical float32
+        # features to the whole image's (convolution blocking differs with the image size)
+        self.filters = basis.T.reshape(self.dims, channels, patch_size, patch_size)
+        self.offset = self.mean @ basis
         self.mean_filter = self.mean.reshape(1, channels, patch_size, patch_size).to(torch.float32)
         self.mean_sq = float(self.mean.pow(2).sum())
 
     def project(self, image: torch.Tensor) -> torch.Tensor:
         """(C, H, W) → (grid_h·grid_w, dims): the components of every patch, minus the mean's."""
-        features = F.conv2d(image[None].to(torch.float32), self.filters)[0]
-        return features.flatten(1).T - self.offset
+        features = F.conv2d(image[None].to(torch.float64), self.filters)[0]
+        return (features.flatten(1).T - self.offset).to(torch.float32)
 
     def residual_norms(self, image: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """‖R(y - mean)‖ for every patch: its distance to the PCA subspace."""
         size = self.patch_size
-        energy = F.avg_pool2d(image[None].pow(2).sum(0, keepdim=True)[None, 0], size, 1)[0, 0] * size * size
-        cross = F.conv2d(image[None].to(torch.float32), self.mean_filter)[0, 0]
+        energy = F.avg_pool2d(image[None].double().pow(2).sum(0, keepdim=True)[None, 0], size, 1)[0, 0] * size * size
+        cross = F.conv2d(image[None].to(torch.float64), self.mean_filter.double())[0, 0]
         centred_sq = (energy - 2.0 * cross + self.mean_sq).flatten()
-        return (centred_sq - projected.pow(2).sum(1)).clamp_min(0.0).sqrt()
+        return (centred_sq - projected.double().pow(2).sum(1)).clamp_min(0.0).sqrt().to(torch.float32)
 
 
 class ReferenceCandidates:
@@ -122,19 +124,37 @@ class ReferenceCandidates:
         projected = self.features.project(image)
         return torch.cat([projected, projected.new_zeros(projected.shape[0], 1)], 1)
 
-    def __call__(self, x_t: torch.Tensor, alpha: float, *, periodic: bool, step: int | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x_t: torch.Tensor,
+        alpha: float,
+        *,
+        periodic: bool,
+        step: int | None = None,
+        origin: tuple[int, int] = (0, 0),
+        global_grid: tuple[int, int] | None = None,
+        crop: bool = False,
+    ) -> torch.Tensor:
+        """Candidates for every patch of ``x_t``; see ``core.image_denoiser.CandidateSource``.
+
+        ``origin`` and ``global_grid`` place a crop in the whole image's query grid (a tile plus
+        its halo): the strided search picks its searched queries by global position, so a tile
+        finds exactly what the whole image finds.
+        """
         scaled = x_t.to(torch.float32) / alpha
-        if periodic:
+        if periodic and not crop:
             size = self.patch_size - 1
             scaled = F.pad(scaled[None], (0, size, 0, size), mode="circular")[0]
         queries = self.query_vectors(scaled)
-        grid = grid_shape(*x_t.shape[1:], self.patch_size, periodic=periodic)
+        grid = grid_shape(*x_t.shape[1:], self.patch_size, periodic=periodic and not crop)
         if self.search_stride > 1:
-            found = self._strided_search(queries, grid)
+            found = self._strided_search(queries, grid, origin, global_grid, periodic)
         else:
             found = self.index.search(queries, self.k)
         if self.coherence == "none":
             return found
+        if crop:
+            raise ValueError("coherence needs the whole image; tiled runs use coherence: none")
         pool = [found]
         if self.coherence in ("neighbours", "both"):
             pool += self._propagated(found, grid, periodic)
@@ -146,22 +166,42 @@ class ReferenceCandidates:
         self._previous = (step, best) if step is not None else None
         return best
 
-    def _strided_search(self, queries: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Search every ``search_stride``-th query of each axis; the others take the candidates of
-        the searched query at the top-left of their cell, shifted by their offset from it."""
+    def _strided_search(
+        self,
+        queries: torch.Tensor,
+        grid: tuple[int, int],
+        origin: tuple[int, int],
+        global_grid: tuple[int, int] | None,
+        periodic: bool,
+    ) -> torch.Tensor:
+        """Search every ``search_stride``-th query of each axis (by global position); the others
+        take the candidates of the searched query at the top-left of their cell, shifted by their
+        offset from it."""
         stride = self.search_stride
         grid_h, grid_w = grid
+        global_grid = global_grid or grid
         ref_h, ref_w = self.ref_grid
-        sub = queries.view(grid_h, grid_w, -1)[::stride, ::stride]
-        sub_h, sub_w = sub.shape[:2]
-        found = self.index.search(sub.reshape(sub_h * sub_w, -1), self.k).view(sub_h, sub_w, -1)
-        rows = torch.arange(grid_h)
-        cols = torch.arange(grid_w)
-        spread = found[rows // stride][:, cols // stride]  # (grid_h, grid_w, k)
-        d_row = (rows % stride)[:, None, None]
-        d_col = (cols % stride)[None, :, None]
-        ref_row = spread // ref_w + d_row
-        ref_col = spread % ref_w + d_col
+
+        def axis(length: int, start: int, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            local = torch.arange(length)
+            position = local + start
+            if periodic:
+                position = position % total
+            offset = position - torch.div(position, stride, rounding_mode="floor") * stride
+            # a query whose searched query lies before the crop only serves the crop's margin,
+            # which the caller discards: it searches for itself
+            searched = (local - offset).clamp_min(0)
+            offset = local - searched
+            picked, slot = torch.unique(searched, return_inverse=True)
+            return picked, slot, offset
+
+        rows, row_slot, d_row = axis(grid_h, origin[0], global_grid[0])
+        cols, col_slot, d_col = axis(grid_w, origin[1], global_grid[1])
+        sub = queries.view(grid_h, grid_w, -1)[rows][:, cols]
+        found = self.index.search(sub.reshape(len(rows) * len(cols), -1), self.k).view(len(rows), len(cols), -1)
+        spread = found[row_slot][:, col_slot]  # (grid_h, grid_w, k)
+        ref_row = spread // ref_w + d_row[:, None, None]
+        ref_col = spread % ref_w + d_col[None, :, None]
         inside = (spread >= 0) & (ref_row < ref_h) & (ref_col < ref_w)
         # a shift that leaves the reference keeps the searched match itself (still a close patch)
         shifted = torch.where(inside, ref_row * ref_w + ref_col, spread)

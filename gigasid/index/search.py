@@ -24,10 +24,14 @@ class VectorIndex(Protocol):
 
 
 class BruteForceIndex:
-    """Exact k nearest neighbours by chunked matmul; the (M, N) distance matrix is never whole."""
+    """Exact k nearest neighbours by chunked matmul; the (M, N) distance matrix is never whole.
+
+    Distances are float64: a query's neighbours must not depend on which other queries share
+    its chunk (float32 matmul blocking varies with the chunk's size).
+    """
 
     def __init__(self, vectors: torch.Tensor, *, chunk: int = 2048):
-        self.vectors = vectors.to(torch.float32).contiguous()
+        self.vectors = vectors.to(torch.float64).contiguous()
         self.sq_norms = self.vectors.pow(2).sum(1)
         self.chunk = chunk
 
@@ -35,7 +39,7 @@ class BruteForceIndex:
         k_eff = min(k, self.vectors.shape[0])
         out = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
         for start in range(0, queries.shape[0], self.chunk):
-            q = queries[start : start + self.chunk].to(torch.float32)
+            q = queries[start : start + self.chunk].to(torch.float64)
             dist = self.sq_norms - 2.0 * (q @ self.vectors.T)  # + ‖q‖², constant per row
             out[start : start + self.chunk, :k_eff] = dist.topk(k_eff, dim=1, largest=False).indices
         return out

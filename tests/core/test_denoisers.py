@@ -212,7 +212,7 @@ def test_compiled_knn_fold_equals_the_torch_path(periodic: bool, alpha: float, s
     candidates = torch.randint(-1, grid_h * grid_w, (query_grid, 4), generator=generator)
     candidates[::7] = -1  # rows with no candidate at all answer the mean
 
-    def source(x_t, a, *, periodic, step):
+    def source(x_t, a, *, periodic, step, **placement):
         return candidates
 
     x_t = torch.rand(3, out_h, out_w, generator=generator) * 2 - 1
