@@ -84,8 +84,7 @@ def generate_command(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             result = jobs.run(job, seed=args.seed + offset)
             total = time.perf_counter() - started
-            rgb = ((result.image.clamp(-1.0, 1.0) + 1.0) * 0.5).permute(1, 2, 0).numpy()
-            write_image(out_path, rgb)
+            write_image(out_path, jobs.to_pixels(result.image).transpose(1, 2, 0))
             _print_table(path, out_path, job, result, total, args.seed + offset)
 
 

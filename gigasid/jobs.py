@@ -9,8 +9,10 @@ application's options of the coarse-to-fine sampler (``core.sampler``). No file 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from gigasid.config import JobConfig
@@ -58,6 +60,24 @@ def reference_pyramid(image: torch.Tensor, config: JobConfig) -> list[torch.Tens
     return levels
 
 
+def default_size(height: int, width: int, config: JobConfig) -> tuple[int, int]:
+    return (max(1, round(height * config.output_scale[0])), max(1, round(width * config.output_scale[1])))
+
+
+def output_shapes(ref_shapes: list[tuple[int, int]], size: tuple[int, int], config: JobConfig) -> list[tuple[int, int]]:
+    """The output pyramid; refuses a size whose coarsest scale cannot hold a patch."""
+    shapes = output_pyramid_shapes(ref_shapes, *size)
+    patch = config.patch_size
+    if min(shapes[-1]) < patch:
+        need = [-(-patch * full // coarse) for full, coarse in zip(shapes[0], shapes[-1])]
+        raise InputError(
+            f"output size {size[0]}x{size[1]} is too small: its coarsest scale would be "
+            f"{shapes[-1][0]}x{shapes[-1][1]}, smaller than the patch size {patch}; "
+            f"ask for at least {need[0]}x{need[1]}"
+        )
+    return shapes
+
+
 def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | None = None) -> PreparedJob:
     """Build the reference pyramid, the output shapes and one denoiser per scale.
 
@@ -68,24 +88,13 @@ def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | N
     levels = reference_pyramid(image, config)
     ref_shapes = [tuple(level.shape[-2:]) for level in levels]
     if size is None:
-        size = (
-            max(1, round(height * config.output_scale[0])),
-            max(1, round(width * config.output_scale[1])),
-        )
-    out_shapes = output_pyramid_shapes(ref_shapes, *size)
+        size = default_size(height, width, config)
+    out_shapes = output_shapes(ref_shapes, size, config)
     periodic = config.application == "tileable"
-    size_p = config.patch_size
-    if min(out_shapes[-1]) < size_p:
-        need = [-(-size_p * full // coarse) for full, coarse in zip(out_shapes[0], out_shapes[-1])]
-        raise InputError(
-            f"output size {size[0]}x{size[1]} is too small: its coarsest scale would be "
-            f"{out_shapes[-1][0]}x{out_shapes[-1][1]}, smaller than the patch size {size_p}; "
-            f"ask for at least {need[0]}x{need[1]}"
-        )
     denoisers, setup = [], []
     for level in levels:
         started = time.perf_counter()
-        denoisers.append(_image_denoiser(level, config, periodic=periodic))
+        denoisers.append(scale_denoiser(level, config, periodic=periodic))
         setup.append(time.perf_counter() - started)
     fixed = None
     if config.application == "retarget":
@@ -93,24 +102,33 @@ def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | N
     return PreparedJob(config, ref_shapes, out_shapes, channels, denoisers, fixed, setup)
 
 
-def _image_denoiser(level: torch.Tensor, config: JobConfig, *, periodic: bool) -> ImageDenoiser:
+def scale_denoiser(
+    level: torch.Tensor, config: JobConfig, *, periodic: bool, index_dir: Path | None = None
+) -> ImageDenoiser:
+    """The image denoiser of one scale. With ``index_dir`` a knn index saved there is opened (and
+    one built here is saved there), so a job's workers share one index per scale."""
     size = config.patch_size
     backend = config.denoiser.backend
     source = None
     if backend == "knn":
         patch_denoiser = KnnDenoiser(level, size)
-        index = config.index
-        source = ReferenceCandidates(
-            level,
-            size,
-            k=index.k,
-            index=index.kind,
-            search_dims=index.search_dims,
-            nlist=index.nlist,
-            nprobe=index.nprobe,
-            coherence=index.coherence,
-            search_stride=index.search_stride,
-        )
+        if index_dir is not None and (index_dir / ReferenceCandidates._STATE).is_file():
+            source = ReferenceCandidates.load(index_dir)
+        else:
+            index = config.index
+            source = ReferenceCandidates(
+                level,
+                size,
+                k=index.k,
+                index=index.kind,
+                search_dims=index.search_dims,
+                nlist=index.nlist,
+                nprobe=index.nprobe,
+                coherence=index.coherence,
+                search_stride=index.search_stride,
+            )
+            if index_dir is not None:
+                source.save(index_dir)
     else:
         grid_h, _ = grid_shape(*level.shape[-2:], size)
         dataset = unfold_rows(level.contiguous(), size, 0, grid_h)
@@ -138,6 +156,13 @@ def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
     )
 
 
+def to_pixels(image) -> "np.ndarray":
+    """Model space [-1, 1] (C, H, W) → uint8 (C, H, W); the one conversion every output uses."""
+    values = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    scaled = np.clip((np.asarray(values, dtype=np.float32) + 1.0) * 0.5, 0.0, 1.0) * 255.0
+    return np.rint(scaled).astype(np.uint8)
+
+
 def generate(
     image: torch.Tensor, config: JobConfig, *, seed: int = 0, size: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -145,4 +170,4 @@ def generate(
     return run(prepare(image, config, size=size), seed=seed).image
 
 
-__all__ = ["PreparedJob", "ScaleTiming", "generate", "prepare", "reference_pyramid", "run"]
+__all__ = ["PreparedJob", "ScaleTiming", "generate", "output_shapes", "prepare", "reference_pyramid", "run", "scale_denoiser"]

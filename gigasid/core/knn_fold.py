@@ -13,6 +13,7 @@ implementation and the CUDA path, and a test holds the two equal.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -94,22 +95,31 @@ if numba is not None:
                             out[os_ + i] += (w * window[dy, i]) * reference[ys + i]
 
 
-    @numba.njit(parallel=True, cache=True)
-    def _fold_image(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
-                    grid_h, grid_w, canvas, pieces):
-        size = window.shape[0]
-        bounds = np.linspace(0, grid_h, pieces + 1).astype(np.int64)
+    @numba.njit(cache=True)
+    def _merge(canvas, buffers, bounds, size):
+        """Pieces overlap by P-1 rows: add them in a fixed order, so the result is deterministic."""
         height, row_len = canvas.shape
-        span = grid_h // pieces + 2 + size - 1
-        buffers = np.zeros((pieces, span * row_len), dtype=canvas.dtype)
-        for piece in numba.prange(pieces):
-            _fold_rows(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
-                       bounds[piece], bounds[piece + 1], grid_w, buffers[piece], row_len)
-        # pieces overlap by P-1 rows: add them in a fixed order, so the result is deterministic
-        for piece in range(pieces):
+        for piece in range(buffers.shape[0]):
             start = bounds[piece]
             rows = min(bounds[piece + 1] - start + size - 1, height - start)
             canvas[start : start + rows] += buffers[piece, : rows * row_len].reshape((rows, row_len))
+
+    @numba.njit(parallel=True, cache=True)
+    def _fold_parallel(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
+                       grid_h, grid_w, canvas, bounds, buffers):
+        for piece in numba.prange(len(bounds) - 1):
+            _fold_rows(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
+                       bounds[piece], bounds[piece + 1], grid_w, buffers[piece], canvas.shape[1])
+        _merge(canvas, buffers, bounds, window.shape[0])
+
+    @numba.njit(cache=True)
+    def _fold_serial(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
+                     grid_h, grid_w, canvas, bounds, buffers):
+        # the same pieces in the same order as _fold_parallel: the same sums, bit for bit
+        for piece in range(len(bounds) - 1):
+            _fold_rows(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
+                       bounds[piece], bounds[piece + 1], grid_w, buffers[piece], canvas.shape[1])
+        _merge(canvas, buffers, bounds, window.shape[0])
 
 
 class CompiledKnnFold:
@@ -137,9 +147,19 @@ class CompiledKnnFold:
         # float64 accumulation: a pixel's sum must not depend on where the kernel split the rows
         # between threads (nor on the crop a tile passes), or near-tied candidates flip later
         canvas_hwc = np.zeros((height, width * channels), dtype=np.float64)
-        pieces = max(1, min(grid_h, 2 * numba.get_num_threads()))
-        _fold_image(
+        # a fixed number of row pieces (not one per thread): the split, and so every sum, is the
+        # same whatever the thread count
+        pieces = max(1, min(grid_h, 8))
+        bounds = np.linspace(0, grid_h, pieces + 1).astype(np.int64)
+        span = grid_h // pieces + 2 + self.patch_size - 1
+        buffers = np.zeros((pieces, span * width * channels), dtype=np.float64)
+        # numba's workqueue layer must not be entered from two threads at once (Dask's threads
+        # scheduler): worker threads and single-thread budgets take the serial twin
+        serial = numba.get_num_threads() == 1 or threading.current_thread() is not threading.main_thread()
+        kernel = _fold_serial if serial else _fold_parallel
+        kernel(
             source_hwc.reshape(-1), width * channels, self.reference.reshape(-1), self.row_len, self.ref_sq,
-            candidates, window_runs, self.mean, float(alpha), float(sigma), grid_h, grid_w, canvas_hwc, pieces,
+            candidates, window_runs, self.mean, float(alpha), float(sigma), grid_h, grid_w, canvas_hwc,
+            bounds, buffers,
         )
         canvas += canvas_hwc.reshape(height, width, channels).transpose(2, 0, 1)

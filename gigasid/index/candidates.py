@@ -25,11 +25,13 @@ take their cell's searched candidates shifted by their offset.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from gigasid.core.patches import grid_shape, unfold_rows
-from gigasid.index.search import IndexKind, build_index
+from gigasid.index.search import IndexKind, build_index, load_index
 
 
 class PatchFeatures:
@@ -112,7 +114,44 @@ class ReferenceCandidates:
         nlist = nlist or 4 * max(1, int(self.vectors.shape[0] ** 0.5))
         options = {} if index == "exact" else {"nlist": nlist, "nprobe": nprobe, "seed": seed}
         self.index = build_index(self.vectors, index, **options)
+        self.kind, self.nprobe = index, nprobe
         self._previous: tuple[int, torch.Tensor] | None = None  # (step, candidates)
+
+    _STATE = "candidates.pt"
+    _INDEX = "index.bin"
+
+    def save(self, directory: str | Path) -> None:
+        """Write everything a worker needs to search: the PCA basis, the vectors, the index."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        features = None
+        if self.features is not None:
+            f = self.features
+            features = {"filters": f.filters, "offset": f.offset, "mean_filter": f.mean_filter, "mean_sq": f.mean_sq,
+                        "patch_size": f.patch_size, "channels": f.channels, "dims": f.dims, "mean": f.mean}
+        state = {"patch_size": self.patch_size, "k": self.k, "coherence": self.coherence,
+                 "search_stride": self.search_stride, "ref_grid": self.ref_grid, "features": features,
+                 "vectors": self.vectors, "kind": self.kind, "nprobe": self.nprobe}
+        torch.save(state, directory / self._STATE)
+        self.index.save(str(directory / self._INDEX))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ReferenceCandidates":
+        """Open a saved candidate source (the FAISS lists memory-mapped)."""
+        directory = Path(directory)
+        state = torch.load(directory / cls._STATE)
+        self = cls.__new__(cls)
+        self.patch_size, self.k, self.coherence = state["patch_size"], state["k"], state["coherence"]
+        self.search_stride, self.ref_grid = state["search_stride"], tuple(state["ref_grid"])
+        self.kind, self.nprobe, self.vectors = state["kind"], state["nprobe"], state["vectors"]
+        self.features = None
+        if state["features"] is not None:
+            self.features = PatchFeatures.__new__(PatchFeatures)
+            for name, value in state["features"].items():
+                setattr(self.features, name, value)
+        self.index = load_index(str(directory / cls._INDEX), self.kind, nprobe=self.nprobe)
+        self._previous = None
+        return self
 
     def _raw_rows(self, image: torch.Tensor) -> torch.Tensor:
         image = image.to(torch.float32).contiguous()

@@ -22,6 +22,10 @@ class VectorIndex(Protocol):
         """(M, d) float32 → (M, k) int64 row ids, nearest first, -1 where fewer than k exist."""
         ...
 
+    def save(self, path: str) -> None:
+        """Write the index to one file; :func:`load_index` opens it again."""
+        ...
+
 
 class BruteForceIndex:
     """Exact k nearest neighbours by chunked matmul; the (M, N) distance matrix is never whole.
@@ -43,6 +47,9 @@ class BruteForceIndex:
             dist = self.sq_norms - 2.0 * (q @ self.vectors.T)  # + ‖q‖², constant per row
             out[start : start + self.chunk, :k_eff] = dist.topk(k_eff, dim=1, largest=False).indices
         return out
+
+    def save(self, path: str) -> None:
+        torch.save({"kind": "exact", "vectors": self.vectors}, path)
 
 
 class FaissIndex:
@@ -88,6 +95,38 @@ class FaissIndex:
         q = np.ascontiguousarray(queries.to(torch.float32).cpu().numpy())
         _, ids = self.index.search(q, k)
         return torch.from_numpy(ids)
+
+    def save(self, path: str) -> None:
+        import faiss
+
+        faiss.write_index(self.index, path)
+
+    @classmethod
+    def open(cls, path: str, *, nprobe: int) -> "FaissIndex":
+        """Open a saved index; IVF lists are memory-mapped, so worker processes share the pages."""
+        import faiss
+
+        try:
+            index = faiss.read_index(path, faiss.IO_FLAG_MMAP)
+        except RuntimeError:  # kinds that cannot be mapped are read
+            index = faiss.read_index(path)
+        self = cls.__new__(cls)
+        self.kind = "flat" if isinstance(index, faiss.IndexFlat) else "ivf"
+        if hasattr(index, "nprobe"):
+            index.nprobe = min(nprobe, index.nlist)
+        self.index, self._quantizer = index, None
+        return self
+
+
+def load_index(path: str, kind: IndexKind, *, nprobe: int = 2) -> VectorIndex:
+    """Open an index written by ``save``."""
+    if kind == "exact":
+        index = BruteForceIndex.__new__(BruteForceIndex)
+        index.vectors = torch.load(path)["vectors"]
+        index.sq_norms = index.vectors.pow(2).sum(1)
+        index.chunk = 2048
+        return index
+    return FaissIndex.open(path, nprobe=nprobe)
 
 
 def build_index(vectors: torch.Tensor, kind: IndexKind, **options) -> VectorIndex:

@@ -1,0 +1,241 @@
+"""The driver of an out-of-core job: create its store, run its stages on an executor, resume it.
+
+A job runs scale by scale, coarsest first; a scale is a chain of T + 1 stages (x_T, then one per
+step), each a set of independent tile tasks (``graph.tasks``) that read x_t with its computed halo
+from one ping-pong buffer and write their core to the other. The driver alone writes the manifest
+and the done-grids, after each task reports, so what is marked done is durable; a killed job
+resumes from the first stage with a tile not done and produces the same pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gigasid import __version__, jobs
+from gigasid.config import JobConfig, to_mapping
+from gigasid.core.pyramid import resample
+from gigasid.errors import InputError
+from gigasid.graph import tasks
+from gigasid.graph.profiles import Profile, open_executor
+from gigasid.io.store import JobStore
+from gigasid.tiling.geometry import halo, tile_ranges
+
+Box = tuple[int, int, int, int]
+
+
+def tile_boxes(shape: tuple[int, int], tile: int) -> list[tuple[tuple[int, int], Box]]:
+    """((i, j), box) of every tile of a scale, row-major."""
+    rows, cols = tile_ranges(shape[0], tile), tile_ranges(shape[1], tile)
+    return [((i, j), (r0, c0, r1, c1)) for i, (r0, r1) in enumerate(rows) for j, (c0, c1) in enumerate(cols)]
+
+
+def job_halo(config: JobConfig, shape: tuple[int, int]) -> int:
+    """The largest halo a tile of this job reads beyond its core (before or after)."""
+    stride = config.index.search_stride if config.denoiser.backend == "knn" else 1
+    return max(
+        max(halo(length, patch_size=config.patch_size, search_stride=stride, blend=True)) for length in shape
+    )
+
+
+def create_job(
+    path: str | Path,
+    image: torch.Tensor,
+    config: JobConfig,
+    *,
+    size: tuple[int, int] | None,
+    seed: int,
+    tile: int,
+    source: str = "",
+) -> JobStore:
+    """Make the store of a new job: manifest, reference pyramid, indexes, buffers. Locked."""
+    if config.application == "symmetric":
+        raise InputError("the symmetric application runs in memory only; write a .png/.jpg/.tif output")
+    if config.denoiser.backend == "knn" and config.index.coherence != "none":
+        raise InputError("tiled jobs need index.coherence: none (coherence reads the whole image)")
+    levels = jobs.reference_pyramid(image, config)
+    ref_shapes = [tuple(level.shape[-2:]) for level in levels]
+    size = size or jobs.default_size(image.shape[1], image.shape[2], config)
+    out_shapes = jobs.output_shapes(ref_shapes, size, config)
+    reach = job_halo(config, out_shapes[0])
+    if tile <= reach:
+        raise InputError(f"--tile {tile} is not larger than this job's halo ({reach} px); use --tile {reach + 1} or more")
+    manifest = {
+        "version": __version__,
+        "config": to_mapping(config),
+        "seed": seed,
+        "size": list(size),
+        "tile": tile,
+        "channels": int(image.shape[0]),
+        "source": source,
+        "reference_shapes": [list(s) for s in ref_shapes],
+        "output_shapes": [list(s) for s in out_shapes],
+        "halo": reach,
+        "scales_done": [],
+        "output_done": False,
+        "status": "created",
+        "timings": {},
+    }
+    store = JobStore.create(path, manifest)
+    store.acquire_lock()
+    periodic = config.application == "tileable"
+    channels = int(image.shape[0])
+    for scale, level in enumerate(levels):
+        store.write_small(f"reference/{scale}", level.numpy().astype(np.float32))
+        if config.denoiser.backend == "knn":  # built once here, opened by path in every worker
+            jobs.scale_denoiser(level, config, periodic=periodic, index_dir=store.index_dir(scale))
+    steps = config.num_steps
+    for scale, (height, width) in enumerate(out_shapes):
+        chunks = (channels, min(tile, height), min(tile, width))
+        for name in ("x0", "x1", "final"):
+            store.create_array(f"scales/{scale}/{name}", (channels, height, width), chunks, "float32")
+        grid = (len(tile_ranges(height, tile)), len(tile_ranges(width, tile)))
+        store.create_array(f"scales/{scale}/done", (steps + 1, *grid), (1, *grid), "uint8")
+    height, width = out_shapes[0]
+    store.create_array("output", (channels, height, width), (channels, min(tile, height), min(tile, width)), "uint8")
+    grid = (len(tile_ranges(height, tile)), len(tile_ranges(width, tile)))
+    store.create_array("output_done", grid, grid, "uint8")
+    if config.application == "retarget":  # the coarsest scale is given, not sampled
+        coarsest = len(out_shapes) - 1
+        store.array(f"scales/{coarsest}/final")[...] = resample(levels[-1], out_shapes[-1]).numpy()
+        store.update_manifest(scales_done=[coarsest])
+    return store
+
+
+def plan_text(store: JobStore) -> str:
+    """What the job will do and roughly what it costs, before it starts."""
+    manifest = store.manifest
+    config = tasks.job_config(store)
+    tile, steps, channels = manifest["tile"], config.num_steps, manifest["channels"]
+    lines = [f"plan: {len(manifest['output_shapes'])} scales x {steps} steps, tile {tile} px, halo {manifest['halo']} px"]
+    pixel_steps, disk = 0.0, 0
+    for scale, (height, width) in enumerate(manifest["output_shapes"]):
+        count = len(tile_boxes((height, width), tile))
+        lines.append(f"  scale {scale}: {height}x{width}, {count} tile(s) x {steps + 1} stages")
+        pixel_steps += height * width * steps
+        disk += 3 * channels * height * width * 4
+    disk += channels * manifest["output_shapes"][0][0] * manifest["output_shapes"][0][1]
+    # rough rates measured on a 2-core CPU (bench/scaling.py): knn ~0.13 Mpx·step/s, exact far slower
+    rate = 1.3e5 if config.denoiser.backend == "knn" else 2.0e3
+    side = tile + 2 * manifest["halo"]
+    memory = 40 * channels * side * side * 4 + 64 * 2**20
+    lines.append(
+        f"  estimate: about {_duration(pixel_steps / rate)} on 2 cores, {disk / 2**30:.2f} GiB on disk, "
+        f"{memory / 2**20:.0f} MiB per task plus the reference index"
+    )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """One line per stage, refreshed at most once a second: stage, tiles, rate, ETA."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+
+    def start(self, label: str, total: int, done: int) -> None:
+        self.label, self.total, self.done = label, total, done
+        self.started = self.last = time.perf_counter()
+        self.first = done
+        self._print(final=False)
+
+    def tick(self) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if now - self.last >= 1.0 or self.done == self.total:
+            self.last = now
+            self._print(final=self.done == self.total)
+
+    def _print(self, *, final: bool) -> None:
+        elapsed = time.perf_counter() - self.started
+        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else math.nan
+        eta_text = "" if final or math.isnan(eta) else f", ETA {_duration(eta)}"
+        end = "\n" if final else "\r"
+        self.stream.write(f"  {self.label}: {self.done}/{self.total} tiles, {rate:.1f} tiles/s{eta_text}   {end}")
+        self.stream.flush()
+
+
+def execute(store: JobStore, profile: Profile, *, progress: Progress | None = None) -> None:
+    """Run (or continue) every stage not yet done, then the uint8 output."""
+    progress = progress or Progress()
+    path = str(store.path)
+    manifest = store.update_manifest(status="running")
+    config = tasks.job_config(store)
+    steps, tile = config.num_steps, manifest["tile"]
+    shapes = [tuple(s) for s in manifest["output_shapes"]]
+    with open_executor(profile) as executor:
+        for scale in reversed(range(len(shapes))):
+            if scale in store.manifest["scales_done"]:
+                continue
+            started = time.perf_counter()
+            done = store.array(f"scales/{scale}/done")
+            boxes = tile_boxes(shapes[scale], tile)
+            where = {box: ij for ij, box in boxes}
+            for stage in range(steps + 1):
+                grid = done[stage]
+                pending = [(path, scale, stage, box) for (i, j), box in boxes if not grid[i, j]]
+                label = f"scale {scale} {'x_T' if stage == 0 else f'step {stage}/{steps}'}"
+                progress.start(label, len(boxes), len(boxes) - len(pending))
+                if not pending:
+                    continue
+
+                def finished(result, done=done, stage=stage):
+                    i, j = where[result[2]]
+                    done[stage, i, j] = 1  # after the chunk is written: durable before counted
+                    progress.tick()
+
+                executor.map(tasks.run_tile, pending, finished)
+            timings = store.manifest["timings"]
+            timings[str(scale)] = timings.get(str(scale), 0.0) + time.perf_counter() - started
+            store.update_manifest(scales_done=store.manifest["scales_done"] + [scale], timings=timings)
+        if not store.manifest["output_done"]:
+            done = store.array("output_done")
+            boxes = tile_boxes(shapes[0], tile)
+            where = {box: ij for ij, box in boxes}
+            grid = done[...]
+            pending = [(path, box) for (i, j), box in boxes if not grid[i, j]]
+            progress.start("output", len(boxes), len(boxes) - len(pending))
+
+            def written(result):
+                i, j = where[result[2]]
+                done[i, j] = 1
+                progress.tick()
+
+            if pending:
+                executor.map(tasks.write_output_tile, pending, written)
+            store.update_manifest(output_done=True)
+    store.update_manifest(status="complete")
+
+
+def resume(path: str | Path, profile: Profile, *, progress: Progress | None = None) -> JobStore:
+    """Continue a stopped job from what is durable in its store."""
+    store = JobStore.open(path)
+    store.acquire_lock()
+    try:
+        removed = store.clean_partials()
+        if removed:
+            print(f"removed {removed} unfinished chunk file(s) left by the stopped run", file=sys.stderr)
+        execute(store, profile, progress=progress)
+    finally:
+        store.release_lock()
+    return store
+
+
+def read_output(store: JobStore) -> np.ndarray:
+    """The finished uint8 image (C, H, W)."""
+    if store.manifest.get("status") != "complete":
+        raise InputError(f"{store.path} is not finished (status {store.manifest.get('status')}); run `gigasid resume`")
+    return store.array("output")[...]

@@ -1,0 +1,166 @@
+"""Execution profiles (``schedulers/*.yaml``): WHERE a job runs, never what it computes.
+
+A profile names a kind — ``sync``, ``threads``, ``processes`` (Dask's local schedulers),
+``local-cluster`` (a ``distributed.LocalCluster`` started here) or ``cluster`` (a running
+scheduler's address) — and its sizes. :func:`open_executor` turns it into an executor whose
+``map`` runs independent tile tasks and reports each one as it finishes, so the driver can record
+durable progress task by task. Every kind gives the same pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional
+
+import yaml
+
+from gigasid.config import from_mapping
+from gigasid.errors import ConfigError
+
+SCHEDULERS_DIR = Path(__file__).resolve().parent.parent.parent / "schedulers"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where the tile tasks run."""
+
+    #: sync (one thread, for debugging), threads, processes, local-cluster or cluster
+    kind: Literal["sync", "threads", "processes", "local-cluster", "cluster"] = "threads"
+    #: worker threads or processes (threads/processes) or cluster workers (local-cluster); null = CPUs
+    workers: Optional[int] = field(default=None, metadata={"range": (1, 4096)})
+    #: threads per cluster worker; keep 1 with torch/faiss, which use threads of their own
+    threads_per_worker: int = field(default=1, metadata={"range": (1, 256)})
+    #: torch/numba threads inside each task; null = CPUs / workers
+    compute_threads: Optional[int] = field(default=None, metadata={"range": (1, 256)})
+    #: memory limit per cluster worker, e.g. "4GB"; null = Dask's default share
+    memory_limit: Optional[str] = None
+    #: scheduler address for kind: cluster, e.g. tcp://10.0.0.5:8786
+    address: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "cluster" and not self.address:
+            raise ConfigError("scheduler profile kind: cluster needs an address (tcp://HOST:8786)")
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in SCHEDULERS_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = SCHEDULERS_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown scheduler profile {name_or_path!r}; available: {', '.join(available_profiles())} "
+                "(or pass a .yaml file)"
+            )
+    elif not path.is_file():
+        raise ConfigError(f"scheduler profile {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"scheduler profile {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return from_mapping(Profile, data)
+
+
+def _compute_threads(profile: Profile, parallel: int) -> int:
+    if profile.compute_threads:
+        return profile.compute_threads
+    return max(1, (os.cpu_count() or 1) // max(1, parallel))
+
+
+class LocalExecutor:
+    """Dask's local schedulers; the finish callback runs in this (the driver's) process."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.scheduler = {"sync": "sync", "threads": "threads", "processes": "processes"}[profile.kind]
+        self.workers = 1 if profile.kind == "sync" else (profile.workers or os.cpu_count() or 1)
+        self.threads = _compute_threads(profile, self.workers)
+        self._pool = None
+        if self.scheduler == "processes":
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")  # torch and OpenMP do not survive fork
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+
+    def map(self, fn: Callable, items: list[tuple], on_done: Callable[[Any], None]) -> None:
+        import dask
+        from dask.callbacks import Callback
+
+        tasks = [dask.delayed(_with_threads, pure=False)(fn, self.threads, *item) for item in items]
+        with Callback(posttask=lambda key, result, dsk, state, worker: on_done(result)):
+            options = {"scheduler": self.scheduler}
+            if self.scheduler == "threads":
+                options["num_workers"] = self.workers
+            if self._pool is not None:
+                options["pool"] = self._pool
+            dask.compute(*tasks, **options)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+class DistributedExecutor:
+    """A ``distributed`` client: a LocalCluster started here, or a running scheduler."""
+
+    def __init__(self, profile: Profile):
+        from distributed import Client, LocalCluster
+
+        self.profile = profile
+        self.cluster = None
+        if profile.kind == "local-cluster":
+            workers = profile.workers or os.cpu_count() or 1
+            options = {"n_workers": workers, "threads_per_worker": profile.threads_per_worker,
+                       "processes": True, "dashboard_address": None}
+            if profile.memory_limit:
+                options["memory_limit"] = profile.memory_limit
+            self.cluster = LocalCluster(**options)
+            self.client = Client(self.cluster)
+            parallel = workers * profile.threads_per_worker
+        else:
+            self.client = Client(profile.address)
+            parallel = sum(self.client.nthreads().values()) or 1
+        self.threads = _compute_threads(profile, parallel)
+
+    def map(self, fn: Callable, items: list[tuple], on_done: Callable[[Any], None]) -> None:
+        from distributed import as_completed
+
+        futures = [self.client.submit(_with_threads, fn, self.threads, *item, pure=False) for item in items]
+        for future in as_completed(futures):
+            on_done(future.result())
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _with_threads(fn: Callable, threads: int, *args):
+    """Run a task with the profile's thread budget for torch and numba in this worker."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    return fn(*args)
+
+
+@contextlib.contextmanager
+def open_executor(profile: Profile) -> Iterator[LocalExecutor | DistributedExecutor]:
+    executor = DistributedExecutor(profile) if profile.kind in ("local-cluster", "cluster") else LocalExecutor(profile)
+    try:
+        yield executor
+    finally:
+        executor.close()
