@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--samples", type=int, default=1, help="samples per input (seeds seed, seed+1, ...)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a preset setting, e.g. --set index.k=10 --set eta=1")
+    gen.add_argument("--tile", type=int, help="run out of core through the tiled engine with this tile size (px)")
+    gen.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
+    res = commands.add_parser("resume", help="continue a stopped out-of-core job from its store")
+    res.add_argument("store", type=Path)
+    res.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
+    inf = commands.add_parser("info", help="show a job store's config, status and per-scale timings")
+    inf.add_argument("store", type=Path)
     return parser
 
 
@@ -60,14 +67,26 @@ def _outputs_for(inputs: list[Path], output: Path, samples: int, folder_input: b
     return planned
 
 
+# outputs above this many pixels run through the tiled engine even without --tile
+TILED_ABOVE_PIXELS = 16_000_000
+DEFAULT_TILE = 1024
+
+
 def generate_command(args: argparse.Namespace) -> None:
     from gigasid.config import load_pipeline
     from gigasid.io.images import list_images, read_image, write_image
 
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
+    if args.tile is not None and args.tile < 1:
+        raise InputError(f"--tile must be a positive number of pixels, got {args.tile}")
     size = parse_size(args.size) if args.size else None
     config = load_pipeline(args.pipeline, args.overrides)
+    if args.output.suffix == ".zarr":
+        if args.input.is_dir() or args.samples != 1:
+            raise InputError("a .zarr output holds one job: give one input image and --samples 1")
+        _generate_store(args, config, size, read_image(args.input))
+        return
     folder_input = args.input.is_dir()
     inputs = list_images(args.input) if folder_input else [args.input]
     planned = _outputs_for(inputs, args.output, args.samples, folder_input)
@@ -79,6 +98,11 @@ def generate_command(args: argparse.Namespace) -> None:
     for path, outputs in zip(inputs, planned):
         pixels = read_image(path)
         image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+        out_size = size or jobs.default_size(image.shape[1], image.shape[2], config)
+        if args.tile is not None or out_size[0] * out_size[1] > TILED_ABOVE_PIXELS:
+            for offset, out_path in enumerate(outputs):
+                _tiled_to_image(args, config, out_size, image, args.seed + offset, out_path, path)
+            continue
         job = jobs.prepare(image, config, size=size)
         for offset, out_path in enumerate(outputs):
             started = time.perf_counter()
@@ -86,6 +110,90 @@ def generate_command(args: argparse.Namespace) -> None:
             total = time.perf_counter() - started
             write_image(out_path, jobs.to_pixels(result.image).transpose(1, 2, 0))
             _print_table(path, out_path, job, result, total, args.seed + offset)
+
+
+def _image_tensor(pixels):
+    import torch
+
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+
+
+def _run_store(store, scheduler: str) -> None:
+    from gigasid.graph import engine
+    from gigasid.graph.profiles import load_profile
+
+    profile = load_profile(scheduler)
+    print(engine.plan_text(store))
+    started = time.perf_counter()
+    try:
+        engine.execute(store, profile)
+    finally:
+        store.release_lock()
+    print(f"done in {time.perf_counter() - started:.1f} s ({profile.kind})")
+
+
+def _generate_store(args, config, size, pixels) -> None:
+    """-o OUT.zarr: a resumable out-of-core job."""
+    from gigasid.graph import engine
+    from gigasid.graph.profiles import load_profile
+
+    load_profile(args.scheduler)  # a bad profile fails before any work
+    image = _image_tensor(pixels)
+    store = engine.create_job(
+        args.output, image, config, size=size, seed=args.seed, tile=args.tile or DEFAULT_TILE, source=str(args.input)
+    )
+    print(f"{args.input} -> {args.output} (pipeline: {config.application}, seed {args.seed})")
+    _run_store(store, args.scheduler)
+
+
+def _tiled_to_image(args, config, size, image, seed, out_path, source) -> None:
+    """An image output through the tiled engine: a temporary store beside the output."""
+    import tempfile
+
+    from gigasid.graph import engine
+    from gigasid.graph.profiles import load_profile
+    from gigasid.io.images import write_image
+
+    load_profile(args.scheduler)
+    parent = out_path.parent if str(out_path.parent) else Path(".")
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".gigasid-") as scratch:
+        store = engine.create_job(
+            Path(scratch) / "job.zarr", image, config, size=size, seed=seed,
+            tile=args.tile or DEFAULT_TILE, source=str(source),
+        )
+        print(f"{source} -> {out_path} (pipeline: {config.application}, seed {seed}, tiled)")
+        _run_store(store, args.scheduler)
+        write_image(out_path, engine.read_output(store).transpose(1, 2, 0))
+
+
+def resume_command(args: argparse.Namespace) -> None:
+    from gigasid.graph import engine
+    from gigasid.graph.profiles import load_profile
+
+    profile = load_profile(args.scheduler)
+    started = time.perf_counter()
+    engine.resume(args.store, profile)
+    print(f"{args.store}: complete ({time.perf_counter() - started:.1f} s)")
+
+
+def info_command(args: argparse.Namespace) -> None:
+    from gigasid.io.store import JobStore
+
+    manifest = JobStore.open(args.store).manifest
+    config = manifest["config"]
+    print(f"{args.store}: gigasid {manifest['version']}, status {manifest['status']}")
+    print(f"  source {manifest.get('source') or '-'}, seed {manifest['seed']}, size {manifest['size'][0]}x{manifest['size'][1]}, "
+          f"tile {manifest['tile']}, halo {manifest['halo']}")
+    print(f"  application {config['application']}, backend {config['denoiser']['backend']}, "
+          f"T={config['num_steps']}, eta={config['eta']}, P={config['patch_size']}, rho={config['rho']}")
+    timings = manifest.get("timings", {})
+    for scale in reversed(range(len(manifest["output_shapes"]))):
+        height, width = manifest["output_shapes"][scale]
+        state = "done" if scale in manifest["scales_done"] else "pending"
+        seconds = timings.get(str(scale))
+        took = f", {seconds:.1f} s" if seconds is not None else ""
+        print(f"  scale {scale}: {height}x{width} {state}{took}")
+    print(f"  output: {'written' if manifest['output_done'] else 'pending'}")
 
 
 def _print_table(source, out_path, job, result, total, seed) -> None:
@@ -110,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate_command(args)
+        elif args.command == "resume":
+            resume_command(args)
+        elif args.command == "info":
+            info_command(args)
     except GigasidError as error:
         print(f"gigasid: error: {error}", file=sys.stderr)
         return 2

@@ -58,16 +58,33 @@ class PatchFeatures:
             _, _, vectors = torch.svd_lowrank(centred, q=min(full, self.dims + 8), niter=3)
         basis = vectors[:, : self.dims]  # (full, dims)
         # features are computed in float64 so that a tile's crop gets bit-identical float32
-        # features to the whole image's (convolution blocking differs with the image size)
-        self.filters = basis.T.reshape(self.dims, channels, patch_size, patch_size)
+        # features to the whole image's, whatever the matmul's blocking
+        self.basis = basis.contiguous()
         self.offset = self.mean @ basis
         self.mean_filter = self.mean.reshape(1, channels, patch_size, patch_size).to(torch.float32)
         self.mean_sq = float(self.mean.pow(2).sum())
 
-    def project(self, image: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) → (grid_h·grid_w, dims): the components of every patch, minus the mean's."""
-        features = F.conv2d(image[None].to(torch.float64), self.filters)[0]
-        return (features.flatten(1).T - self.offset).to(torch.float32)
+    def project(
+        self, image: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(C, H, W) → (len(rows)·len(cols), dims): the components of the patches whose top-left
+        corners are the grid ``rows`` × ``cols`` (default all), minus the mean's."""
+        channels, height, width = image.shape
+        size = self.patch_size
+        grid_h, grid_w = grid_shape(height, width, size)
+        rows = torch.arange(grid_h) if rows is None else rows
+        cols = torch.arange(grid_w) if cols is None else cols
+        image = image.to(torch.float32).contiguous()
+        corners = image.as_strided(
+            (grid_h, grid_w, channels, size, size), (width, 1, height * width, width, 1), image.storage_offset()
+        )
+        out = torch.empty(len(rows) * len(cols), self.dims, dtype=torch.float32)
+        step = max(1, 4096 // max(1, len(cols)))
+        for start in range(0, len(rows), step):
+            block = corners[rows[start : start + step]][:, cols].reshape(-1, channels * size * size)
+            features = block.to(torch.float64) @ self.basis - self.offset
+            out[start * len(cols) : start * len(cols) + features.shape[0]] = features.to(torch.float32)
+        return out
 
     def residual_norms(self, image: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """‖R(y - mean)‖ for every patch: its distance to the PCA subspace."""
@@ -127,7 +144,7 @@ class ReferenceCandidates:
         features = None
         if self.features is not None:
             f = self.features
-            features = {"filters": f.filters, "offset": f.offset, "mean_filter": f.mean_filter, "mean_sq": f.mean_sq,
+            features = {"basis": f.basis, "offset": f.offset, "mean_filter": f.mean_filter, "mean_sq": f.mean_sq,
                         "patch_size": f.patch_size, "channels": f.channels, "dims": f.dims, "mean": f.mean}
         state = {"patch_size": self.patch_size, "k": self.k, "coherence": self.coherence,
                  "search_stride": self.search_stride, "ref_grid": self.ref_grid, "features": features,
@@ -157,10 +174,17 @@ class ReferenceCandidates:
         image = image.to(torch.float32).contiguous()
         return unfold_rows(image, self.patch_size, 0, image.shape[1] - self.patch_size + 1)
 
-    def query_vectors(self, image: torch.Tensor) -> torch.Tensor:
+    def query_vectors(
+        self, image: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Search vectors of the patches at grid rows × cols of ``image`` (default all)."""
         if self.features is None:
-            return self._raw_rows(image)
-        projected = self.features.project(image)
+            raw = self._raw_rows(image)
+            if rows is None:
+                return raw
+            grid_w = image.shape[2] - self.patch_size + 1
+            return raw.view(-1, grid_w, raw.shape[1])[rows][:, cols].reshape(-1, raw.shape[1])
+        projected = self.features.project(image, rows, cols)
         return torch.cat([projected, projected.new_zeros(projected.shape[0], 1)], 1)
 
     def __call__(
@@ -184,11 +208,12 @@ class ReferenceCandidates:
         if periodic and not crop:
             size = self.patch_size - 1
             scaled = F.pad(scaled[None], (0, size, 0, size), mode="circular")[0]
-        queries = self.query_vectors(scaled)
         grid = grid_shape(*x_t.shape[1:], self.patch_size, periodic=periodic and not crop)
         if self.search_stride > 1:
-            found = self._strided_search(queries, grid, origin, global_grid, periodic)
+            queries = None
+            found = self._strided_search(scaled, grid, origin, global_grid, periodic)
         else:
+            queries = self.query_vectors(scaled)
             found = self.index.search(queries, self.k)
         if self.coherence == "none":
             return found
@@ -201,13 +226,15 @@ class ReferenceCandidates:
         if self.coherence in ("previous", "both") and previous is not None and step is not None:
             if previous[0] == step + 1 and previous[1].shape == found.shape:
                 pool.append(previous[1])
+        if queries is None:
+            queries = self.query_vectors(scaled)
         best = self._best(torch.cat(pool, 1), queries)
         self._previous = (step, best) if step is not None else None
         return best
 
     def _strided_search(
         self,
-        queries: torch.Tensor,
+        image: torch.Tensor,
         grid: tuple[int, int],
         origin: tuple[int, int],
         global_grid: tuple[int, int] | None,
@@ -236,8 +263,8 @@ class ReferenceCandidates:
 
         rows, row_slot, d_row = axis(grid_h, origin[0], global_grid[0])
         cols, col_slot, d_col = axis(grid_w, origin[1], global_grid[1])
-        sub = queries.view(grid_h, grid_w, -1)[rows][:, cols]
-        found = self.index.search(sub.reshape(len(rows) * len(cols), -1), self.k).view(len(rows), len(cols), -1)
+        sub = self.query_vectors(image, rows, cols)  # only the searched patches are projected
+        found = self.index.search(sub, self.k).view(len(rows), len(cols), -1)
         spread = found[row_slot][:, col_slot]  # (grid_h, grid_w, k)
         ref_row = spread // ref_w + d_row[:, None, None]
         ref_col = spread % ref_w + d_col[None, :, None]
