@@ -191,7 +191,8 @@ def test_a_shared_image_denoiser_is_thread_safe() -> None:
     BUG today: ``ImageDenoiser._buffer`` hands every call the same ``self._columns`` tensor
     (gigasid/core/image_denoiser.py, ``_buffer`` / ``_fold_bands``); two concurrent calls write
     their denoised patch columns into it and fold each other's. Here the interleaving is forced:
-    call A denoises its first chunk, call B overwrites it, A folds B's patches. Seen through the
+    both calls write their first chunk of columns into the buffer before either folds, so
+    whichever wrote first folds the other's patches (deterministic: one of A, B is wrong). Seen through the
     engine as ``exact`` on ``threads`` differing from the in-memory run by up to 0.5 (and once
     2.8e9) at scale 0, differently on every run; knn's compiled fold has no shared buffer.
     """
