@@ -187,11 +187,14 @@ def info_command(args: argparse.Namespace) -> None:
     print(f"  application {config['application']}, backend {config['denoiser']['backend']}, "
           f"T={config['num_steps']}, eta={config['eta']}, P={config['patch_size']}, rho={config['rho']}")
     timings = manifest.get("timings", {})
+    compute = manifest.get("compute_seconds", {})
     for scale in reversed(range(len(manifest["output_shapes"]))):
         height, width = manifest["output_shapes"][scale]
         state = "done" if scale in manifest["scales_done"] else "pending"
         seconds = timings.get(str(scale))
-        took = f", {seconds:.1f} s" if seconds is not None else ""
+        took = f", {seconds:.1f} s wall" if seconds is not None else ""
+        if str(scale) in compute:
+            took += f", {compute[str(scale)]:.1f} s computing in tasks"
         print(f"  scale {scale}: {height}x{width} {state}{took}")
     print(f"  output: {'written' if manifest['output_done'] else 'pending'}")
 

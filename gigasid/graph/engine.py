@@ -181,6 +181,7 @@ def execute(store: JobStore, profile: Profile, *, progress: Progress | None = No
             if scale in store.manifest["scales_done"]:
                 continue
             started = time.perf_counter()
+            computing = [0.0]
             done = store.array(f"scales/{scale}/done")
             boxes = tile_boxes(shapes[scale], tile)
             where = {box: ij for ij, box in boxes}
@@ -192,15 +193,20 @@ def execute(store: JobStore, profile: Profile, *, progress: Progress | None = No
                 if not pending:
                     continue
 
-                def finished(result, done=done, stage=stage):
+                def finished(result, done=done, stage=stage, computing=computing):
                     i, j = where[result[2]]
+                    computing[0] += result[3]
                     done[stage, i, j] = 1  # after the chunk is written: durable before counted
                     progress.tick()
 
                 executor.map(tasks.run_tile, pending, finished)
             timings = store.manifest["timings"]
             timings[str(scale)] = timings.get(str(scale), 0.0) + time.perf_counter() - started
-            store.update_manifest(scales_done=store.manifest["scales_done"] + [scale], timings=timings)
+            compute = store.manifest.get("compute_seconds", {})
+            compute[str(scale)] = compute.get(str(scale), 0.0) + computing[0]
+            store.update_manifest(
+                scales_done=store.manifest["scales_done"] + [scale], timings=timings, compute_seconds=compute
+            )
         if not store.manifest["output_done"]:
             done = store.array("output_done")
             boxes = tile_boxes(shapes[0], tile)

@@ -7,6 +7,7 @@ it (:func:`scale_stepper`). A task writes only its own chunk, so running it twic
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
 import torch
@@ -62,13 +63,15 @@ def buffer_names(scale: int, stage: int, num_steps: int) -> tuple[str | None, st
     return read, write
 
 
-def run_tile(path: str, scale: int, stage: int, box: Box) -> tuple[int, int, Box]:
-    """Compute one tile of one stage and write its chunk; returns its identity."""
+def run_tile(path: str, scale: int, stage: int, box: Box) -> tuple[int, int, Box, float]:
+    """Compute one tile of one stage and write its chunk; returns its identity and the seconds
+    spent computing (the rest of the task's time is reading, writing and scheduling)."""
     store = open_store(path)
     stepper = scale_stepper(path, scale)
     num_steps = len(stepper.alphas) - 1
     read, write = buffer_names(scale, stage, num_steps)
     r0, c0, r1, c1 = box
+    started = time.perf_counter()
     if stage == 0:
         values = stepper.initial(box)
     else:
@@ -79,14 +82,16 @@ def run_tile(path: str, scale: int, stage: int, box: Box) -> tuple[int, int, Box
         if plan.coarse_box is not None:
             coarser = store.array(f"scales/{scale + 1}/final")
             coarse = torch.from_numpy(read_box(coarser, plan.coarse_box, periodic=stepper.periodic))
+        started = time.perf_counter()
         values = stepper.step(box, t, x_read, coarse)
+    computing = time.perf_counter() - started
     store.array(write)[:, r0:r1, c0:c1] = values.numpy()
-    return scale, stage, box
+    return scale, stage, box, computing
 
 
-def write_output_tile(path: str, box: Box) -> tuple[int, int, Box]:
+def write_output_tile(path: str, box: Box) -> tuple[int, int, Box, float]:
     """The finest scale's final values in [-1, 1] → the uint8 output chunk."""
     store = open_store(path)
     r0, c0, r1, c1 = box
     store.array("output")[:, r0:r1, c0:c1] = jobs.to_pixels(store.array("scales/0/final")[:, r0:r1, c0:c1])
-    return -1, -1, box
+    return -1, -1, box, 0.0
