@@ -8,6 +8,7 @@ nearest-neighbour candidates, a :class:`CandidateSource` supplies them for the w
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import torch
@@ -86,13 +87,16 @@ class ImageDenoiser:
         self.periodic = periodic
         self.candidate_source = candidate_source
         self.band_queries = band_queries
-        self._columns: torch.Tensor | None = None  # reused: fresh pages cost more than the fold
+        # the fold buffer is reused (fresh pages cost more than the fold), one per thread: tiles
+        # of a scale share this denoiser on a threaded scheduler
+        self._local = threading.local()
 
     def _buffer(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
         needed = shape[0] * shape[1]
-        if self._columns is None or self._columns.numel() < needed or self._columns.device != device:
-            self._columns = torch.empty(needed, dtype=torch.float32, device=device)
-        return self._columns[:needed].view(shape)
+        columns = getattr(self._local, "columns", None)
+        if columns is None or columns.numel() < needed or columns.device != device:
+            columns = self._local.columns = torch.empty(needed, dtype=torch.float32, device=device)
+        return columns[:needed].view(shape)
 
     def _fold_bands(self, source, candidates, alpha, sigma, window, canvas, grid_h, grid_w) -> None:
         """The generic path: unfold a band of patch rows, denoise it in chunks, fold it."""
