@@ -85,7 +85,7 @@ def generate_command(args: argparse.Namespace) -> None:
     if args.output.suffix == ".zarr":
         if args.input.is_dir() or args.samples != 1:
             raise InputError("a .zarr output holds one job: give one input image and --samples 1")
-        _generate_store(args, config, size, read_image(args.input))
+        _generate_store(args, config, size)
         return
     folder_input = args.input.is_dir()
     inputs = list_images(args.input) if folder_input else [args.input]
@@ -112,12 +112,6 @@ def generate_command(args: argparse.Namespace) -> None:
             _print_table(path, out_path, job, result, total, args.seed + offset)
 
 
-def _image_tensor(pixels):
-    import torch
-
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous() * 2.0 - 1.0
-
-
 def _run_store(store, scheduler: str) -> None:
     from gigasid.graph import engine
     from gigasid.graph.profiles import load_profile
@@ -132,15 +126,14 @@ def _run_store(store, scheduler: str) -> None:
     print(f"done in {time.perf_counter() - started:.1f} s ({profile.kind})")
 
 
-def _generate_store(args, config, size, pixels) -> None:
-    """-o OUT.zarr: a resumable out-of-core job."""
+def _generate_store(args, config, size) -> None:
+    """-o OUT.zarr: a resumable out-of-core job; the reference is read in strips."""
     from gigasid.graph import engine
     from gigasid.graph.profiles import load_profile
 
     load_profile(args.scheduler)  # a bad profile fails before any work
-    image = _image_tensor(pixels)
     store = engine.create_job(
-        args.output, image, config, size=size, seed=args.seed, tile=args.tile or DEFAULT_TILE, source=str(args.input)
+        args.output, args.input, config, size=size, seed=args.seed, tile=args.tile or DEFAULT_TILE, source=str(args.input)
     )
     print(f"{args.input} -> {args.output} (pipeline: {config.application}, seed {args.seed})")
     _run_store(store, args.scheduler)

@@ -41,9 +41,8 @@ class PreparedJob:
     setup_seconds: list[float] = field(default_factory=list)  # per scale, finest first
 
 
-def reference_pyramid(image: torch.Tensor, config: JobConfig) -> list[torch.Tensor]:
-    """The reference at every scale, finest first; each level resampled from the one above."""
-    _, height, width = image.shape
+def reference_shapes(height: int, width: int, config: JobConfig) -> list[tuple[int, int]]:
+    """The reference pyramid's shapes, finest first."""
     if min(height, width) < config.patch_size:
         raise InputError(
             f"the image is {height}x{width}, smaller than the patch size {config.patch_size}; "
@@ -51,9 +50,14 @@ def reference_pyramid(image: torch.Tensor, config: JobConfig) -> list[torch.Tens
         )
     min_short = min(config.min_short_side, height, width)
     try:
-        shapes = pyramid_shapes(height, width, min_short_side=min_short, num_scales=config.num_scales)
+        return pyramid_shapes(height, width, min_short_side=min_short, num_scales=config.num_scales)
     except ValueError as error:
         raise ConfigError(f"{error} for this {height}x{width} image; lower num_scales or set it to null") from None
+
+
+def reference_pyramid(image: torch.Tensor, config: JobConfig) -> list[torch.Tensor]:
+    """The reference at every scale, finest first; each level resampled from the one above."""
+    shapes = reference_shapes(image.shape[1], image.shape[2], config)
     levels = [image]
     for shape in shapes[1:]:
         levels.append(resample(levels[-1], shape))

@@ -43,9 +43,50 @@ def job_halo(config: JobConfig, shape: tuple[int, int]) -> int:
     )
 
 
+def ingest_reference(store: JobStore, source: torch.Tensor | str | Path, config: JobConfig, *, rows: int = 256):
+    """Write the reference pyramid into the store without holding the source image whole.
+
+    A file is read in strips (pyvips, sequentially) into ``reference/0``; every coarser level is
+    resampled band by band from the level above, with the same taps and arithmetic as
+    ``jobs.reference_pyramid``, so the values are those of the in-memory pyramid.
+    """
+    from gigasid.io.images import image_shape, read_strips
+
+    if isinstance(source, torch.Tensor):
+        channels, height, width = source.shape
+        strips = ((top, source[:, top : top + rows].numpy()) for top in range(0, height, rows))
+    else:
+        height, width, channels = image_shape(source)
+        # model space [-1, 1]: the same elementwise op as the in-memory path
+        strips = ((top, strip.transpose(2, 0, 1) * 2.0 - 1.0) for top, strip in read_strips(source, rows))
+    shapes = jobs.reference_shapes(height, width, config)
+    level0 = store.create_array("reference/0", (channels, height, width), (channels, rows, width), "float32")
+    for top, strip in strips:
+        level0[:, top : top + strip.shape[1]] = strip.astype(np.float32)
+    for scale in range(1, len(shapes)):
+        _downsample_level(store, scale, shapes, channels, rows)
+    return shapes, int(channels)
+
+
+def _downsample_level(store: JobStore, scale: int, shapes, channels: int, rows: int) -> None:
+    """reference/scale from reference/scale-1, ``rows`` output rows at a time."""
+    from gigasid.core.pyramid import resample_axis, resample_taps
+
+    (in_h, in_w), (out_h, out_w) = shapes[scale - 1], shapes[scale]
+    above = store.array(f"reference/{scale - 1}")
+    level = store.create_array(f"reference/{scale}", (channels, out_h, out_w), (channels, rows, out_w), "float32")
+    for top in range(0, out_h, rows):
+        bottom = min(out_h, top + rows)
+        taps, _ = resample_taps(in_h, out_h, out_range=(top, bottom))
+        first, last = int(taps.min()), int(taps.max()) + 1
+        band = torch.from_numpy(above[:, first:last])
+        band = resample_axis(band, 1, out_h, in_len=in_h, src_start=first, out_range=(top, bottom))
+        level[:, top:bottom] = resample_axis(band, 2, out_w).numpy()
+
+
 def create_job(
     path: str | Path,
-    image: torch.Tensor,
+    image: torch.Tensor | str | Path,
     config: JobConfig,
     *,
     size: tuple[int, int] | None,
@@ -53,14 +94,22 @@ def create_job(
     tile: int,
     source: str = "",
 ) -> JobStore:
-    """Make the store of a new job: manifest, reference pyramid, indexes, buffers. Locked."""
+    """Make the store of a new job: manifest, reference pyramid, indexes, buffers. Locked.
+
+    ``image`` is the reference: an image file (read in strips) or a (C, H, W) tensor in [-1, 1].
+    """
     if config.application == "symmetric":
         raise InputError("the symmetric application runs in memory only; write a .png/.jpg/.tif output")
     if config.denoiser.backend == "knn" and config.index.coherence != "none":
         raise InputError("tiled jobs need index.coherence: none (coherence reads the whole image)")
-    levels = jobs.reference_pyramid(image, config)
-    ref_shapes = [tuple(level.shape[-2:]) for level in levels]
-    size = size or jobs.default_size(image.shape[1], image.shape[2], config)
+    if isinstance(image, torch.Tensor):
+        height, width = image.shape[1:]
+    else:
+        from gigasid.io.images import image_shape
+
+        height, width, _ = image_shape(image)
+    ref_shapes = jobs.reference_shapes(height, width, config)
+    size = size or jobs.default_size(height, width, config)
     out_shapes = jobs.output_shapes(ref_shapes, size, config)
     reach = job_halo(config, out_shapes[0])
     if tile <= reach:
@@ -71,7 +120,7 @@ def create_job(
         "seed": seed,
         "size": list(size),
         "tile": tile,
-        "channels": int(image.shape[0]),
+        "channels": 0,  # set below, once the reference is read
         "source": source,
         "reference_shapes": [list(s) for s in ref_shapes],
         "output_shapes": [list(s) for s in out_shapes],
@@ -84,10 +133,11 @@ def create_job(
     store = JobStore.create(path, manifest)
     store.acquire_lock()
     periodic = config.application == "tileable"
-    channels = int(image.shape[0])
-    for scale, level in enumerate(levels):
-        store.write_small(f"reference/{scale}", level.numpy().astype(np.float32))
-        if config.denoiser.backend == "knn":  # built once here, opened by path in every worker
+    _, channels = ingest_reference(store, image, config)
+    store.update_manifest(channels=channels)
+    if config.denoiser.backend == "knn":  # built once here, opened by path in every worker
+        for scale in range(len(ref_shapes)):
+            level = torch.from_numpy(store.array(f"reference/{scale}")[...])
             jobs.scale_denoiser(level, config, periodic=periodic, index_dir=store.index_dir(scale))
     steps = config.num_steps
     for scale, (height, width) in enumerate(out_shapes):
@@ -102,7 +152,8 @@ def create_job(
     store.create_array("output_done", grid, grid, "uint8")
     if config.application == "retarget":  # the coarsest scale is given, not sampled
         coarsest = len(out_shapes) - 1
-        store.array(f"scales/{coarsest}/final")[...] = resample(levels[-1], out_shapes[-1]).numpy()
+        level = torch.from_numpy(store.array(f"reference/{len(ref_shapes) - 1}")[...])
+        store.array(f"scales/{coarsest}/final")[...] = resample(level, out_shapes[-1]).numpy()
         store.update_manifest(scales_done=[coarsest])
     return store
 

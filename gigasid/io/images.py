@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,16 @@ def read_image(path: StrPath) -> npt.NDArray[np.float32]:
     ignored: RGB values are taken as sRGB. Any format libvips reads works; PNG, JPEG and TIFF are
     the tested ones. A truncated or corrupt file raises rather than loading as a partly grey image.
     """
+    image, scale, path_str = _open(path)
+    try:
+        raw = image.numpy()
+    except pyvips.Error as error:
+        raise InputError(f"cannot read {path_str} as an image: {_short_reason(error, path_str)}") from None
+    return _normalise(raw, scale)
+
+
+def _open(path: StrPath) -> tuple[pyvips.Image, float | None, str]:
+    """The image as libvips will stream it: oriented, grey or sRGB, with its full-scale value."""
     path_str = os.fspath(path)
     _check_readable_file(path_str)
     try:
@@ -81,17 +92,21 @@ def read_image(path: StrPath) -> npt.NDArray[np.float32]:
             # Rotating needs random access, which a sequential JPEG/PNG load cannot give.
             image = image.copy_memory().autorot()
         image = _grey_or_rgb(image, path_str)
-        scale = _FULL_SCALE.get(image.format)
-        if scale is None and image.format not in ("float", "double"):
-            raise InputError(
-                f"cannot read {path_str}: its samples are {image.format}; "
-                "gigasid reads integer or real-valued images"
-            )
-        raw = image.numpy()
     except pyvips.Error as error:
         raise InputError(f"cannot read {path_str} as an image: {_short_reason(error, path_str)}") from None
-    if raw.size == 0:
+    scale = _FULL_SCALE.get(image.format)
+    if scale is None and image.format not in ("float", "double"):
+        raise InputError(
+            f"cannot read {path_str}: its samples are {image.format}; gigasid reads integer or real-valued images"
+        )
+    if image.width == 0 or image.height == 0:
         raise InputError(f"{path_str} is an empty image (0 pixels); give a non-empty image")
+    return image, scale, path_str
+
+
+def _normalise(raw: np.ndarray, scale: float | None) -> npt.NDArray[np.float32]:
+    if raw.size == 0:
+        raise InputError("the image is empty (0 pixels); give a non-empty image")
     if raw.ndim == 2:
         raw = raw[:, :, None]
     array = raw.astype(np.float32)
@@ -99,6 +114,34 @@ def read_image(path: StrPath) -> npt.NDArray[np.float32]:
         array /= np.float32(scale)
     np.clip(array, 0.0, 1.0, out=array)
     return array
+
+
+def image_shape(path: StrPath) -> tuple[int, int, int]:
+    """(H, W, C) of the image :func:`read_image` would return, without decoding its pixels."""
+    image, _, _ = _open(path)
+    return image.height, image.width, image.bands
+
+
+def read_strips(path: StrPath, rows: int = 256) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+    """The image as :func:`read_image` returns it, in strips of ``rows`` rows, top to bottom:
+    (first row, float32 (h, W, C)). A sequential read: peak memory is a strip, not the image."""
+    image, scale, path_str = _open(path)
+    region = pyvips.Region.new(image)
+    dtype = _NUMPY_FORMATS[image.format]
+    try:
+        for top in range(0, image.height, rows):
+            height = min(rows, image.height - top)
+            data = region.fetch(0, top, image.width, height)
+            raw = np.frombuffer(data, dtype=dtype).reshape(height, image.width, image.bands)
+            yield top, _normalise(raw, scale)
+    except pyvips.Error as error:
+        raise InputError(f"cannot read {path_str} as an image: {_short_reason(error, path_str)}") from None
+
+
+_NUMPY_FORMATS = {
+    "uchar": np.uint8, "char": np.int8, "ushort": np.uint16, "short": np.int16,
+    "uint": np.uint32, "int": np.int32, "float": np.float32, "double": np.float64,
+}
 
 
 def write_image(path: StrPath, image: npt.ArrayLike) -> None:
