@@ -35,11 +35,13 @@ def tile_boxes(shape: tuple[int, int], tile: int) -> list[tuple[tuple[int, int],
     return [((i, j), (r0, c0, r1, c1)) for i, (r0, r1) in enumerate(rows) for j, (c0, c1) in enumerate(cols)]
 
 
-def job_halo(config: JobConfig, shape: tuple[int, int]) -> int:
-    """The largest halo a tile of this job reads beyond its core (before or after)."""
+def job_halo(config: JobConfig, shapes: list[tuple[int, int]]) -> int:
+    """The largest halo a tile of this job reads beyond its core (before or after), any scale."""
     stride = config.index.search_stride if config.denoiser.backend == "knn" else 1
     return max(
-        max(halo(length, patch_size=config.patch_size, search_stride=stride, blend=True)) for length in shape
+        max(halo(length, patch_size=config.patch_size, search_stride=stride, blend=True))
+        for shape in shapes
+        for length in shape
     )
 
 
@@ -111,7 +113,7 @@ def create_job(
     ref_shapes = jobs.reference_shapes(height, width, config)
     size = size or jobs.default_size(height, width, config)
     out_shapes = jobs.output_shapes(ref_shapes, size, config)
-    reach = job_halo(config, out_shapes[0])
+    reach = job_halo(config, out_shapes)
     if tile <= reach:
         raise InputError(f"--tile {tile} is not larger than this job's halo ({reach} px); use --tile {reach + 1} or more")
     manifest = {
@@ -130,7 +132,15 @@ def create_job(
         "status": "created",
         "timings": {},
     }
-    store = JobStore.create(path, manifest)
+    # built under a temporary name and renamed when complete: a kill during creation leaves no
+    # half-made store at ``path`` (the next generate removes the leftover)
+    path = Path(path)
+    if path.exists():
+        raise InputError(f"{path} already exists; remove it, or continue it with `gigasid resume {path}`")
+    building = path.with_name(f".{path.name}.creating")
+    if building.exists():
+        JobStore.remove_abandoned(building)
+    store = JobStore.create(building, manifest)
     store.acquire_lock()
     periodic = config.application == "tileable"
     _, channels = ingest_reference(store, image, config)
@@ -155,7 +165,8 @@ def create_job(
         level = torch.from_numpy(store.array(f"reference/{len(ref_shapes) - 1}")[...])
         store.array(f"scales/{coarsest}/final")[...] = resample(level, out_shapes[-1]).numpy()
         store.update_manifest(scales_done=[coarsest])
-    return store
+    building.rename(path)
+    return JobStore.open(path)  # still locked by us: the lock file moved with the directory
 
 
 def plan_text(store: JobStore) -> str:

@@ -108,6 +108,18 @@ class JobStore:
             return
         raise InputError(f"could not lock {self.path}")
 
+    @staticmethod
+    def remove_abandoned(path: Path) -> None:
+        """Delete a store that a killed ``generate`` left half-created, unless its writer lives."""
+        import shutil
+
+        lock = path / ".lock"
+        if lock.is_file():
+            host, _, pid = lock.read_text().strip().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+                raise InputError(f"{path} is being created by another gigasid process (pid {pid})")
+        shutil.rmtree(path)
+
     def release_lock(self) -> None:
         (self.path / ".lock").unlink(missing_ok=True)
 

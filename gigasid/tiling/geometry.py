@@ -16,8 +16,9 @@ past L, meaning the values wrap around. On a plain axis they are clipped to [0, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+import torch
 
 from gigasid.core.pyramid import half_shape, resample_taps
 
@@ -78,17 +79,31 @@ def _down_span(length: int, half: int, position: int, periodic: bool) -> Range:
 
 
 def halo(length: int, *, patch_size: int, search_stride: int, blend: bool, periodic: bool = False) -> tuple[int, int]:
-    """How far (before, after) a tile deep inside an axis reads x_t beyond its core.
+    """How far (before, after) any tile of an axis reads x_t beyond its core: the maximum over
+    every position of the axis (the blend's half-level grid makes the reach vary with position).
 
     A pure function of the parameters (DESIGN.md §4.2): the halo is computed, never configured.
+    Evaluated on the periodic geometry, where no edge clips the reach.
     """
-    middle = length // 2
-    coarse = math.ceil(length / 2) if blend else None
-    plan = plan_axis(
-        (middle, middle + 1), length, patch_size=patch_size, search_stride=search_stride,
-        coarse_length=coarse, periodic=True,
-    )
-    return middle - plan.read[0], plan.read[1] - (middle + 1)
+    reach = patch_size - 1
+    if not blend:
+        return reach + search_stride - 1, reach
+    half = half_shape(length, length)[0]
+    up, _ = resample_taps(half, length, periodic=True, wrap=False)  # (length, taps), raw
+    down, _ = resample_taps(length, half, periodic=True, wrap=False)  # (half, taps), raw
+    down_lo, down_hi = down.min(1).values, down.max(1).values + 1
+
+    def fine_span(position):  # the fine range the down taps of (unwrapped) half positions read
+        wrapped = position % half
+        shift = (position - wrapped) // half * length
+        return down_lo[wrapped] + shift, down_hi[wrapped] + shift
+
+    lo, _ = fine_span(up.min(1).values)
+    _, hi = fine_span(up.max(1).values)
+    positions = torch.arange(length)
+    before = int((positions - (lo - reach - (search_stride - 1))).max())
+    after = int(((hi + reach) - (positions + 1)).max())
+    return before, after
 
 
 def tile_ranges(length: int, tile: int) -> list[Range]:

@@ -1,8 +1,8 @@
 """The out-of-core engine (DESIGN.md §4.1, §4.3, §8): a job run tile by tile through the Zarr store
 gives the in-memory sampler's pixels, whatever the tile size, the application or the profile.
 
-Small jobs on crops of the rocket example: ``exact`` (float32, P = 5, 48x64) and ``knn`` (IVF,
-search stride 2, P = 7, 72x96), 3 scales, T = 3, eta = 0.5 (fresh noise keyed by position at
+Small jobs on a 48x64 crop of the rocket example: ``exact`` (float32, P = 5) and ``knn`` (IVF,
+search stride 2, P = 7), 3 scales (48x64, 24x32, 12x16), T = 3, eta = 0.5 (fresh noise keyed by position at
 every step). The distributed tests share one 2-worker LocalCluster (module fixture) built from the
 same ``Profile`` the ``local-cluster`` scheduler file describes.
 """
@@ -32,10 +32,19 @@ ROCKET = REPO / "examples" / "rocket.png"
 SEED = 3
 
 BACKENDS = {
-    "exact": ((48, 64), {"patch_size": 5, "min_short_side": 12,
-                         "denoiser": {"backend": "exact", "compute_dtype": "float32"}}),
-    "knn": ((72, 96), {"patch_size": 7, "min_short_side": 18,
-                       "denoiser": {"backend": "knn"}, "index": {"kind": "ivf", "search_stride": 2}}),
+    "exact": (
+        (48, 64),
+        {"patch_size": 5, "min_short_side": 12, "denoiser": {"backend": "exact", "compute_dtype": "float32"}},
+    ),
+    "knn": (
+        (48, 64),
+        {
+            "patch_size": 7,
+            "min_short_side": 12,
+            "denoiser": {"backend": "knn"},
+            "index": {"kind": "ivf", "search_stride": 2},
+        },
+    ),
 }
 
 
@@ -71,20 +80,28 @@ def in_memory(backend: str, application: str):
     """The in-memory sampler's result (every scale) on one torch thread."""
     (height, width), _ = BACKENDS[backend]
     torch.set_num_threads(1)
-    prepared = jobs.prepare(rocket(height, width), job_config(backend, application),
-                            size=job_size(backend, application))
+    prepared = jobs.prepare(
+        rocket(height, width), job_config(backend, application), size=job_size(backend, application)
+    )
     return jobs.run(prepared, seed=SEED)
 
 
 def make_store(tmp_path: Path, backend: str, application: str, tile: int, name: str = "job.zarr"):
     (height, width), _ = BACKENDS[backend]
-    return engine.create_job(tmp_path / name, rocket(height, width), job_config(backend, application),
-                             size=job_size(backend, application), seed=SEED, tile=tile)
+    return engine.create_job(
+        tmp_path / name,
+        rocket(height, width),
+        job_config(backend, application),
+        size=job_size(backend, application),
+        seed=SEED,
+        tile=tile,
+    )
 
 
 def run_store(store, profile: Profile) -> None:
     try:
-        engine.execute(store, profile, progress=engine.Progress(open(os.devnull, "w")))
+        with open(os.devnull, "w") as quiet:
+            engine.execute(store, profile, progress=engine.Progress(quiet))
     finally:
         store.release_lock()
         torch.set_num_threads(1)
@@ -106,11 +123,14 @@ def test_tiled_run_equals_the_in_memory_sampler(tmp_path: Path, backend: str, ap
     (1.3e-5 at P = 7), the tile size does not."""
     reference = in_memory(backend, application)
     shape = tuple(reference.image.shape[-2:])
-    halo = engine.job_halo(job_config(backend, application), shape)
+    halo = engine.job_halo(job_config(backend, application), [shape])
     tiles = [halo + 1, 2 * halo - 3, max(shape)]
     assert all(shape[0] % tile and shape[1] % tile for tile in tiles[:2])  # none divides the image
-    profile = (Profile(kind="sync", compute_threads=1) if backend == "exact"
-               else Profile(kind="threads", workers=2, compute_threads=1))
+    profile = (
+        Profile(kind="sync", compute_threads=1)
+        if backend == "exact"
+        else Profile(kind="threads", workers=2, compute_threads=1)
+    )
     expected_output = jobs.to_pixels(reference.image)
     for tile in tiles:
         store = make_store(tmp_path, backend, application, tile, name=f"tile{tile}.zarr")
@@ -162,12 +182,16 @@ def test_every_profile_gives_the_same_pixels(tmp_path, monkeypatch, cluster, bac
 
     knn is bit-identical everywhere. exact is compared to 1e-5 on the float finals (the profiles'
     default compute threads differ: 2 in sync, 1 per worker elsewhere); its uint8 outputs must match.
-    Fails today for exact on ``threads``: see test_a_shared_image_denoiser_is_thread_safe.
+    exact on ``threads`` used to differ (a shared fold buffer): see
+    test_a_shared_image_denoiser_is_thread_safe.
     """
-    tile = 29  # does not divide 48, 64, 72 or 96; > halo (16 for exact, 18 for knn)
+    tile = 37  # does not divide 48 or 64; > halo (16 for exact, 18 for knn)
     results = {}
-    for kind, profile in [("sync", Profile(kind="sync")), ("threads", Profile(kind="threads", workers=2)),
-                          ("local-cluster", LOCAL_CLUSTER)]:
+    for kind, profile in [
+        ("sync", Profile(kind="sync")),
+        ("threads", Profile(kind="threads", workers=2)),
+        ("local-cluster", LOCAL_CLUSTER),
+    ]:
         store = make_store(tmp_path, backend, "uncond", tile, name=f"{kind}.zarr")
         with on_cluster(monkeypatch, cluster):
             run_store(store, profile)
@@ -188,13 +212,12 @@ def test_a_shared_image_denoiser_is_thread_safe() -> None:
     share the scale's ``ScaleStepper`` (``graph.tasks.scale_stepper`` is cached per process), so
     its ``ImageDenoiser`` must be reentrant.
 
-    BUG today: ``ImageDenoiser._buffer`` hands every call the same ``self._columns`` tensor
-    (gigasid/core/image_denoiser.py, ``_buffer`` / ``_fold_bands``); two concurrent calls write
-    their denoised patch columns into it and fold each other's. Here the interleaving is forced:
-    both calls write their first chunk of columns into the buffer before either folds, so
-    whichever wrote first folds the other's patches (deterministic: one of A, B is wrong). Seen through the
-    engine as ``exact`` on ``threads`` differing from the in-memory run by up to 0.5 (and once
-    2.8e9) at scale 0, differently on every run; knn's compiled fold has no shared buffer.
+    The bug this pins (fixed in 5734596, "Fold buffer per thread"): ``ImageDenoiser._buffer``
+    handed every call the same ``self._columns`` tensor, so two concurrent calls folded each
+    other's denoised patch columns. The interleaving is forced here: both calls write their first
+    chunk of columns before either folds, so with one shared buffer one of A, B is always wrong.
+    Through the engine it showed as ``exact`` on ``threads`` differing from the in-memory run by
+    up to 0.5 (once 2.8e9) at scale 0, differently on every run (knn's compiled fold was safe).
     """
     (height, width), _ = BACKENDS["exact"]
     config = job_config("exact", "uncond")
@@ -219,7 +242,10 @@ def test_a_shared_image_denoiser_is_thread_safe() -> None:
 
     shared = ImageDenoiser(Interleaved(), patch_size=config.patch_size, rho=config.rho)
     generator = torch.Generator().manual_seed(0)
-    inputs = {"A": torch.randn(3, 24, 24, generator=generator), "B": torch.randn(3, 24, 24, generator=generator)}
+    inputs = {
+        "A": torch.randn(3, 24, 24, generator=generator),
+        "B": torch.randn(3, 24, 24, generator=generator),
+    }
     alone = {name: shared(x, 0.6, 0.4) for name, x in inputs.items()}  # one at a time (main thread)
     together = {}
 
@@ -235,7 +261,9 @@ def test_a_shared_image_denoiser_is_thread_safe() -> None:
         thread.join(timeout=30)
     for name in ("A", "B"):
         assert torch.equal(together[name], alone[name]), (
-            name, float((together[name] - alone[name]).abs().max()))
+            name,
+            float((together[name] - alone[name]).abs().max()),
+        )
 
 
 # --- 4. a worker killed mid-stage ------------------------------------------------------------
@@ -257,7 +285,7 @@ def test_a_worker_killed_mid_stage_changes_nothing(tmp_path, monkeypatch, cluste
             if target and not killed:
                 busy = {address for address, keys in client.processing().items() if keys}
                 pids = client.run(os.getpid)
-                address = sorted(busy)[0] if busy else sorted(pids)[0]
+                address = min(busy) if busy else min(pids)
                 killed.update(address=address, pid=pids[address], busy=bool(busy))
                 os.kill(pids[address], signal.SIGKILL)
 

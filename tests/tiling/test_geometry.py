@@ -10,6 +10,7 @@ without being grossly larger. Small images (up to 48x48), P = 5, so the file run
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import pytest
@@ -42,7 +43,7 @@ def test_tile_ranges_cover_the_axis_exactly(length: int) -> None:
     for tile in sorted({1, 2, 5, 17, 24, length - 1, length, length + 1, 3 * length} - {0}):
         ranges = tile_ranges(length, tile)
         assert ranges[0][0] == 0 and ranges[-1][1] == length
-        for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
+        for (_, a1), (b0, _) in itertools.pairwise(ranges):
             assert a1 == b0  # contiguous, no overlap, no gap
         assert all(b - a == tile for a, b in ranges[:-1])
         assert 0 < ranges[-1][1] - ranges[-1][0] <= tile
@@ -64,10 +65,20 @@ def _cores(length: int) -> list[tuple[int, int]]:
 def test_plan_axis_stays_inside_a_plain_axis(length: int, patch: int, stride: int, blend: bool) -> None:
     coarse_length = math.ceil(length / 2) if blend else None
     for core in _cores(length):
-        plan = plan_axis(core, length, patch_size=patch, search_stride=stride, coarse_length=coarse_length,
-                         periodic=False)
+        plan = plan_axis(
+            core, length, patch_size=patch, search_stride=stride, coarse_length=coarse_length, periodic=False
+        )
         assert plan.core == core
-        assert 0 <= plan.read[0] <= plan.estimate[0] <= core[0] < core[1] <= plan.estimate[1] <= plan.read[1] <= length
+        assert (
+            0
+            <= plan.read[0]
+            <= plan.estimate[0]
+            <= core[0]
+            < core[1]
+            <= plan.estimate[1]
+            <= plan.read[1]
+            <= length
+        )
         if blend:
             assert 0 <= plan.coarse[0] < plan.coarse[1] <= coarse_length
         else:
@@ -79,19 +90,29 @@ def test_plan_axis_wraps_on_a_periodic_axis(length: int, patch: int, stride: int
     coarse_length = math.ceil(length / 2)
     before, after = halo(length, patch_size=patch, search_stride=stride, blend=True)
     for core in _cores(length):
-        plan = plan_axis(core, length, patch_size=patch, search_stride=stride, coarse_length=coarse_length,
-                         periodic=True)
+        plan = plan_axis(
+            core, length, patch_size=patch, search_stride=stride, coarse_length=coarse_length, periodic=True
+        )
         # unwrapped: contiguous, around the core, never clipped
         assert plan.read[0] <= plan.estimate[0] <= core[0] < core[1] <= plan.estimate[1] <= plan.read[1]
         assert plan.read[1] - plan.read[0] <= (core[1] - core[0]) + before + after + 4
-    first = plan_axis((0, 3), length, patch_size=patch, search_stride=stride, coarse_length=coarse_length,
-                      periodic=True)
-    last = plan_axis((length - 3, length), length, patch_size=patch, search_stride=stride,
-                     coarse_length=coarse_length, periodic=True)
+    first = plan_axis(
+        (0, 3), length, patch_size=patch, search_stride=stride, coarse_length=coarse_length, periodic=True
+    )
+    last = plan_axis(
+        (length - 3, length),
+        length,
+        patch_size=patch,
+        search_stride=stride,
+        coarse_length=coarse_length,
+        periodic=True,
+    )
     assert first.read[0] < 0 and first.coarse[0] < 0  # reads wrap around the start ...
     assert last.read[1] > length and last.coarse[1] > coarse_length  # ... and the end
     # without a blend the periodic read is exactly the patch reach (plus the search stride)
-    plain = plan_axis((10, 13), length, patch_size=patch, search_stride=stride, coarse_length=None, periodic=True)
+    plain = plan_axis(
+        (10, 13), length, patch_size=patch, search_stride=stride, coarse_length=None, periodic=True
+    )
     assert plain.read == (10 - (patch - 1) - (stride - 1), 13 + patch - 1)
 
 
@@ -100,8 +121,14 @@ def _plan_reach(length: int, patch: int, stride: int, blend: bool) -> tuple[int,
     coarse_length = math.ceil(length / 2) if blend else None
     before = after = 0
     for x in range(length):
-        plan = plan_axis((x, x + 1), length, patch_size=patch, search_stride=stride, coarse_length=coarse_length,
-                         periodic=True)
+        plan = plan_axis(
+            (x, x + 1),
+            length,
+            patch_size=patch,
+            search_stride=stride,
+            coarse_length=coarse_length,
+            periodic=True,
+        )
         before, after = max(before, x - plan.read[0]), max(after, plan.read[1] - (x + 1))
     return before, after
 
@@ -122,7 +149,10 @@ def test_halo_bounds_what_every_tile_reads(length: int, patch: int, stride: int)
 
 @pytest.mark.parametrize("length,patch,stride", AXES)
 def test_halo_without_blend_is_the_patch_reach(length: int, patch: int, stride: int) -> None:
-    assert halo(length, patch_size=patch, search_stride=stride, blend=False) == (patch - 1 + stride - 1, patch - 1)
+    assert halo(length, patch_size=patch, search_stride=stride, blend=False) == (
+        patch - 1 + stride - 1,
+        patch - 1,
+    )
     assert _plan_reach(length, patch, stride, blend=False) == (patch - 1 + stride - 1, patch - 1)
 
 
@@ -134,15 +164,31 @@ def _stepper(length: int, periodic: bool, blend: bool) -> ScaleStepper:
     """A finer scale (its step blends with a coarser one) or the coarsest (no blend)."""
     generator = torch.Generator().manual_seed(0)
     reference = (0.5 * torch.randn(3, 32, 32, generator=generator)).clamp(-1, 1)
-    config = from_mapping(JobConfig, {
-        "patch_size": PATCH, "num_steps": STEPS, "min_short_side": 24, "eta": 0.0,
-        "denoiser": {"backend": "exact", "compute_dtype": "float64"},
-    })
+    config = from_mapping(
+        JobConfig,
+        {
+            "patch_size": PATCH,
+            "num_steps": STEPS,
+            "min_short_side": 24,
+            "eta": 0.0,
+            "denoiser": {"backend": "exact", "compute_dtype": "float64"},
+        },
+    )
     denoiser = jobs.scale_denoiser(reference, config, periodic=periodic)
     alphas, sigmas = make_noise_schedule("flow_linear", STEPS)
     coarser = (math.ceil(length / 2), math.ceil(length / 2)) if blend else None
-    return ScaleStepper(denoiser=denoiser, shape=(length, length), coarser_shape=coarser, alphas=alphas,
-                        sigmas=sigmas, eta=0.0, seed=0, scale=0, channels=3, periodic=periodic)
+    return ScaleStepper(
+        denoiser=denoiser,
+        shape=(length, length),
+        coarser_shape=coarser,
+        alphas=alphas,
+        sigmas=sigmas,
+        eta=0.0,
+        seed=0,
+        scale=0,
+        channels=3,
+        periodic=periodic,
+    )
 
 
 @functools.cache
@@ -181,8 +227,10 @@ def _reach(moved: torch.Tensor, pixel: int, length: int, periodic: bool) -> tupl
     return forward, backward
 
 
-@pytest.mark.parametrize("length,periodic,pixel", [(48, False, 23), (48, False, 24), (45, False, 21),
-                                                   (45, False, 22), (40, True, 1)])
+@pytest.mark.parametrize(
+    "length,periodic,pixel",
+    [(48, False, 23), (48, False, 24), (45, False, 21), (45, False, 22), (40, True, 1)],
+)
 @pytest.mark.parametrize("blend", [True, False])
 def test_plan_axis_contains_the_brute_force_receptive_field(length, periodic, pixel, blend) -> None:
     moved = _moved(length, periodic, blend, pixel)
@@ -219,4 +267,8 @@ def test_halo_is_not_grossly_larger_than_the_reach(length: int) -> None:
     assert reach >= PATCH  # the blend reaches beyond one patch
     assert max(halo(length, patch_size=PATCH, search_stride=1, blend=True)) <= 1.75 * reach
     forward, backward = _reach(_moved(length, False, False, pixel), pixel, length, periodic=False)
-    assert max(halo(length, patch_size=PATCH, search_stride=1, blend=False)) == max(forward, backward) == PATCH - 1
+    assert (
+        max(halo(length, patch_size=PATCH, search_stride=1, blend=False))
+        == max(forward, backward)
+        == PATCH - 1
+    )
