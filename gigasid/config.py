@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -48,7 +48,7 @@ class IndexConfig:
     #: dimensions searched: PCA components + 1 residual norm; 0 searches raw patches
     search_dims: int = field(default=32, metadata=_range(0, 4096))
     #: IVF lists; null = 4·√N
-    nlist: Optional[int] = field(default=None, metadata=_range(1, None))
+    nlist: int | None = field(default=None, metadata=_range(1, None))
     #: IVF lists probed per query
     nprobe: int = field(default=4, metadata=_range(1, 65536))
     #: add neighbours' candidates shifted by one pixel and the previous step's (PatchMatch-style)
@@ -77,7 +77,7 @@ class JobConfig:
     #: short side of the coarsest pyramid level; the depth is derived from it
     min_short_side: int = field(default=24, metadata=_range(1, None))
     #: pyramid depth; null derives it from min_short_side
-    num_scales: Optional[int] = field(default=None, metadata=_range(1, 32))
+    num_scales: int | None = field(default=None, metadata=_range(1, 32))
     #: output size relative to the input (rows, cols) when --size is not given
     output_scale: tuple[float, float] = (1.0, 1.0)
     #: mirror axis of the symmetric application

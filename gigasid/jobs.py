@@ -9,8 +9,8 @@ application's options of the coarse-to-fine sampler (``core.sampler``). No file 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -160,7 +160,7 @@ def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
     )
 
 
-def to_pixels(image) -> "np.ndarray":
+def to_pixels(image) -> np.ndarray:
     """Model space [-1, 1] (C, H, W) → uint8 (C, H, W); the one conversion every output uses."""
     values = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     scaled = np.clip((np.asarray(values, dtype=np.float32) + 1.0) * 0.5, 0.0, 1.0) * 255.0

@@ -20,8 +20,8 @@ from gigasid.core.patches import (
     patch_window,
     periodic_pad,
     unfold_rows,
-    window_sum,
     window_columns,
+    window_sum,
     wrap_periodic,
 )
 

@@ -9,7 +9,8 @@ comes from (a global, position-keyed generator in the tiled engine).
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 

@@ -74,7 +74,7 @@ def _downsample_level(store: JobStore, scale: int, shapes, channels: int, rows: 
     """reference/scale from reference/scale-1, ``rows`` output rows at a time."""
     from gigasid.core.pyramid import resample_axis, resample_taps
 
-    (in_h, in_w), (out_h, out_w) = shapes[scale - 1], shapes[scale]
+    in_h, (out_h, out_w) = shapes[scale - 1][0], shapes[scale]
     above = store.array(f"reference/{scale - 1}")
     level = store.create_array(f"reference/{scale}", (channels, out_h, out_w), (channels, rows, out_w), "float32")
     for top in range(0, out_h, rows):

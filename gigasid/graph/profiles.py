@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -30,15 +31,15 @@ class Profile:
     #: sync (one thread, for debugging), threads, processes, local-cluster or cluster
     kind: Literal["sync", "threads", "processes", "local-cluster", "cluster"] = "threads"
     #: worker threads or processes (threads/processes) or cluster workers (local-cluster); null = CPUs
-    workers: Optional[int] = field(default=None, metadata={"range": (1, 4096)})
+    workers: int | None = field(default=None, metadata={"range": (1, 4096)})
     #: threads per cluster worker; keep 1 with torch/faiss, which use threads of their own
     threads_per_worker: int = field(default=1, metadata={"range": (1, 256)})
     #: torch/numba threads inside each task; null = CPUs / workers
-    compute_threads: Optional[int] = field(default=None, metadata={"range": (1, 256)})
+    compute_threads: int | None = field(default=None, metadata={"range": (1, 256)})
     #: memory limit per cluster worker, e.g. "4GB"; null = Dask's default share
-    memory_limit: Optional[str] = None
+    memory_limit: str | None = None
     #: scheduler address for kind: cluster, e.g. tcp://10.0.0.5:8786
-    address: Optional[str] = None
+    address: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind == "cluster" and not self.address:

@@ -153,7 +153,7 @@ class ReferenceCandidates:
         self.index.save(str(directory / self._INDEX))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ReferenceCandidates":
+    def load(cls, directory: str | Path) -> ReferenceCandidates:
         """Open a saved candidate source (the FAISS lists memory-mapped)."""
         directory = Path(directory)
         state = torch.load(directory / cls._STATE)

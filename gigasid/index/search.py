@@ -102,7 +102,7 @@ class FaissIndex:
         faiss.write_index(self.index, path)
 
     @classmethod
-    def open(cls, path: str, *, nprobe: int) -> "FaissIndex":
+    def open(cls, path: str, *, nprobe: int) -> FaissIndex:
         """Open a saved index; IVF lists are memory-mapped, so worker processes share the pages."""
         import faiss
 

@@ -46,7 +46,7 @@ class JobStore:
 
     # ---- creating and opening -------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, manifest: dict) -> "JobStore":
+    def create(cls, path: str | Path, manifest: dict) -> JobStore:
         path = Path(path)
         if path.exists():
             raise InputError(f"{path} already exists; remove it, or continue it with `gigasid resume {path}`")
@@ -59,7 +59,7 @@ class JobStore:
         return store
 
     @classmethod
-    def open(cls, path: str | Path) -> "JobStore":
+    def open(cls, path: str | Path) -> JobStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise InputError(f"{path} is not a gigasid job store (no zarr.json)")

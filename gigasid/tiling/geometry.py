@@ -49,7 +49,6 @@ def plan_axis(
     periodic: bool,
 ) -> AxisPlan:
     """The ranges one tile core needs along an axis; ``coarse_length`` None means no blend."""
-    a, b = core
     if coarse_length is None:
         estimate, coarse = core, None
     else:

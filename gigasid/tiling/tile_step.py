@@ -66,7 +66,7 @@ class ScaleStepper:
     def plan(self, core: Box, t: int) -> TilePlan:
         r0, c0, r1, c1 = core
         coarse = self.coarser_shape if self.blends(t) else (None, None)
-        options = dict(patch_size=self.patch_size, search_stride=self.search_stride, periodic=self.periodic)
+        options = {"patch_size": self.patch_size, "search_stride": self.search_stride, "periodic": self.periodic}
         return TilePlan(
             plan_axis((r0, r1), self.shape[0], coarse_length=coarse[0], **options),
             plan_axis((c0, c1), self.shape[1], coarse_length=coarse[1], **options),
@@ -82,7 +82,7 @@ class ScaleStepper:
         """x_{t-1} on ``core`` from x_t over ``plan(core, t).read_box`` (and the coarser scale
         over ``coarse_box`` when the step blends)."""
         plan = self.plan(core, t)
-        (rr0, rr1), (rc0, rc1) = plan.rows.read, plan.cols.read
+        rr0, rc0 = plan.rows.read[0], plan.cols.read[0]
         alpha, sigma = float(self.alphas[t]), float(self.sigmas[t])
         height, width = self.shape
         global_grid = grid_shape(height, width, self.patch_size, periodic=self.periodic)
