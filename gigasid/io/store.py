@@ -135,19 +135,11 @@ class JobStore:
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
 
-    def has(self, name: str) -> bool:
-        return name in self.group
-
     def create_array(self, name: str, shape, chunks, dtype, *, fill_value=0) -> zarr.Array:
         return self.group.create_array(
             name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill_value,
             compressors=_COMPRESSORS, overwrite=True,
         )
-
-    def write_small(self, name: str, data: np.ndarray) -> None:
-        """A whole small array in one chunk (reference levels, fixed scales)."""
-        array = self.create_array(name, data.shape, data.shape, data.dtype)
-        array[...] = data
 
     def index_dir(self, scale: int) -> Path:
         return self.path / "index" / str(scale)
