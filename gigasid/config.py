@@ -218,27 +218,34 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def read_preset(name_or_path: str, directory: Path, what: str) -> dict:
+    """The mapping in a YAML preset, by name (``directory/NAME.yaml``) or by file path.
+
+    ``what`` names the kind of preset in error messages ("pipeline", "scheduler profile").
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = directory / f"{name_or_path}.yaml"
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+            raise ConfigError(f"unknown {what} {name_or_path!r}; available: {names} (or pass a .yaml file)")
+    elif not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of settings")
+    return data
+
+
 def available_pipelines() -> list[str]:
     return sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
 
 
 def load_pipeline(name_or_path: str, overrides: list[str] | None = None) -> JobConfig:
     """A preset by name (``pipelines/NAME.yaml``) or a YAML file path, plus ``key=value`` overrides."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PIPELINES_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ConfigError(
-                f"unknown pipeline {name_or_path!r}; available: {', '.join(available_pipelines())} "
-                "(or pass a .yaml file)"
-            )
-    elif not path.is_file():
-        raise ConfigError(f"pipeline file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"pipeline {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"pipeline {path} must be a mapping of settings")
+    data = read_preset(name_or_path, PIPELINES_DIR, "pipeline")
     data = _merge(data, parse_overrides(overrides or []))
     return from_mapping(JobConfig, data)

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from gigasid.config import from_mapping
+from gigasid.config import from_mapping, read_preset
 from gigasid.errors import ConfigError
 
 SCHEDULERS_DIR = Path(__file__).resolve().parent.parent.parent / "schedulers"
@@ -51,21 +49,8 @@ def available_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str) -> Profile:
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = SCHEDULERS_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ConfigError(
-                f"unknown scheduler profile {name_or_path!r}; available: {', '.join(available_profiles())} "
-                "(or pass a .yaml file)"
-            )
-    elif not path.is_file():
-        raise ConfigError(f"scheduler profile {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"scheduler profile {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return from_mapping(Profile, data)
+    """A profile by name (``schedulers/NAME.yaml``) or a YAML file path."""
+    return from_mapping(Profile, read_preset(name_or_path, SCHEDULERS_DIR, "scheduler profile"))
 
 
 def _compute_threads(profile: Profile, parallel: int) -> int:
