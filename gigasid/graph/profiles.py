@@ -44,10 +44,6 @@ class Profile:
             raise ConfigError("scheduler profile kind: cluster needs an address (tcp://HOST:8786)")
 
 
-def available_profiles() -> list[str]:
-    return sorted(p.stem for p in SCHEDULERS_DIR.glob("*.yaml"))
-
-
 def load_profile(name_or_path: str) -> Profile:
     """A profile by name (``schedulers/NAME.yaml``) or a YAML file path."""
     return from_mapping(Profile, read_preset(name_or_path, SCHEDULERS_DIR, "scheduler profile"))
