@@ -48,7 +48,6 @@ class PatchDenoiser(Protocol):
         self, queries: torch.Tensor, alpha: float, sigma: float, candidates: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(M, D) noisy patch rows → (M, D) clean estimates, float32."""
-        ...
 
 
 class ExactDenoiser:

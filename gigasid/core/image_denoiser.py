@@ -63,7 +63,6 @@ class CandidateSource(Protocol):
         With ``crop`` x_t is a plain crop of a larger image (periodic or not) whose patch grid is
         ``global_grid``, and ``origin`` is the global (row, col) of its first patch.
         """
-        ...
 
 
 class ImageDenoiser:

@@ -20,11 +20,9 @@ IndexKind = Literal["exact", "flat", "ivf", "ivfpq"]
 class VectorIndex(Protocol):
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         """(M, d) float32 → (M, k) int64 row ids, nearest first, -1 where fewer than k exist."""
-        ...
 
     def save(self, path: str) -> None:
         """Write the index to one file; :func:`load_index` opens it again."""
-        ...
 
 
 class BruteForceIndex:
