@@ -1,5 +1,6 @@
 """The command line: ``gigasid generate | resume | info``. Thin: parse, read, call ``jobs`` or
 ``graph.engine``, write, report.
+
 User mistakes (:class:`~gigasid.errors.GigasidError`) become one line on stderr and exit code 2;
 anything else is a bug and keeps its traceback.
 """
