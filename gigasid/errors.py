@@ -6,7 +6,7 @@ else that escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "GigasidError", "InputError"]
+__all__ = ["ConfigError", "GigasidError", "InputError", "WeightsNotFoundError"]
 
 
 class GigasidError(Exception):
@@ -19,3 +19,7 @@ class InputError(GigasidError, ValueError):
 
 class ConfigError(GigasidError, ValueError):
     """A bad setting: an unknown key, an out-of-range value, an unknown variant name."""
+
+
+class WeightsNotFoundError(InputError):
+    """Model weights (a VAE's) absent from the folder or local cache named: nothing is downloaded."""
