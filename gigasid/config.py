@@ -41,8 +41,9 @@ class DenoiserConfig:
 class IndexConfig:
     """Nearest-neighbour candidates for the knn backend (see ``gigasid.index``)."""
 
-    #: exact (torch brute force), flat (FAISS exact), ivf or ivfpq (FAISS approximate)
-    kind: Literal["exact", "flat", "ivf", "ivfpq"] = "ivf"
+    #: exact (torch brute force), flat (FAISS exact), ivf or ivfpq (FAISS approximate), or auto:
+    #: chosen per scale by its number of patches (``gigasid.index.search.auto_kind``)
+    kind: Literal["exact", "flat", "ivf", "ivfpq", "auto"] = "ivf"
     #: candidates per query whose exact weights are computed (paper: k = 5)
     k: int = field(default=5, metadata=_range(1, 1024))
     #: dimensions searched: PCA components + 1 residual norm; 0 searches raw patches
@@ -56,6 +57,24 @@ class IndexConfig:
     #: search the index for every n-th query per axis; the rest take their cell's searched
     #: query's candidates shifted by their offset (spatial coherence; 1 = search every query)
     search_stride: int = field(default=1, metadata=_range(1, 64))
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """The space the sampler runs in (DESIGN.md §6; see ``gigasid.codecs``)."""
+
+    #: pixel (the image itself), pca (the embedded lapped-PCA codec fitted on the reference,
+    #: 8× smaller per side) or vae (a diffusers autoencoder loaded from ``vae_path``)
+    codec: Literal["pixel", "pca", "vae"] = "pixel"
+    #: latent channels K of the pca codec (bench/codec.py measures reconstruction per K)
+    channels: int = field(default=32, metadata=_range(1, 3072))
+    #: how the pixel output is made: correspondence (fold the reference's own pixel patches at the
+    #: last step's matches, with its weights; knn only) or codec (the codec's decoder)
+    decode: Literal["correspondence", "codec"] = "correspondence"
+    #: windowed blocks sampled from the reference pyramid to fit the pca codec
+    fit_blocks: int = field(default=200_000, metadata=_range(1000, None))
+    #: a diffusers VAE: a local directory, or a Hugging Face repo id already in the local cache
+    vae_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +93,8 @@ class JobConfig:
     patch_size: int = field(default=15, metadata=_range(1, 255, odd=True))
     #: std of the Gaussian fold window over patch coordinates in [-1, 1]; .inf = flat
     rho: float = field(default=0.2, metadata=_range(1e-6, math.inf))
-    #: short side of the coarsest pyramid level; the depth is derived from it
+    #: short side of the coarsest sampling grid (pixels, or latent cells in a latent space);
+    #: the pyramid depth is derived from it
     min_short_side: int = field(default=24, metadata=_range(1, None))
     #: pyramid depth; null derives it from min_short_side
     num_scales: int | None = field(default=None, metadata=_range(1, 32))
@@ -84,12 +104,20 @@ class JobConfig:
     symmetry: Literal["horizontal", "vertical", "both"] = "horizontal"
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def __post_init__(self) -> None:
         if self.min_short_side < self.patch_size:
             raise ConfigError(
                 f"min_short_side={self.min_short_side} is smaller than patch_size={self.patch_size}: "
                 "the coarsest scale must hold at least one patch"
+            )
+        if self.latent.codec == "vae" and not self.latent.vae_path:
+            raise ConfigError("latent.codec=vae needs latent.vae_path: a diffusers VAE directory or cached repo id")
+        if self.latent.decode == "correspondence" and self.latent.codec != "pixel" and self.denoiser.backend != "knn":
+            raise ConfigError(
+                "latent.decode=correspondence needs denoiser.backend=knn (it folds the matched "
+                "candidates); set latent.decode=codec for the dense backends"
             )
         for value in self.output_scale:
             if not (value > 0 and math.isfinite(value)):

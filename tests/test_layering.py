@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gigasid"
 RULES = {
     "core": ({"core", "errors"}, {"dask", "distributed", "zarr", "faiss", "pyvips", "tifffile"}),
     "index": ({"core", "index", "errors"}, {"dask", "distributed", "zarr", "pyvips"}),
+    "codecs": ({"core", "codecs", "errors"}, {"dask", "distributed", "zarr", "faiss", "pyvips", "tifffile"}),
     "tiling": ({"core", "tiling", "errors"}, {"dask", "distributed", "zarr", "faiss", "pyvips"}),
     "io": ({"io", "errors"}, {"dask", "distributed", "faiss"}),
 }

@@ -141,16 +141,31 @@ class KnnDenoiser:
             cand = candidates[start : start + self.chunk]
             empty = cand < 0
             patches = gather_patches(self.reference, cand.clamp_min(0), self.patch_size)  # (m, k, D)
-            # ‖x - alpha y‖², expanded so the (m, k, D) difference is never formed
-            cross = torch.bmm(patches, q.unsqueeze(-1)).squeeze(-1)
-            dist = self.sq_norms[cand.clamp_min(0)] * (alpha * alpha) - 2.0 * alpha * cross
-            logits = (-scale * dist).masked_fill(empty, -math.inf)
-            weights = torch.softmax(logits, dim=1)
+            weights = self._weights(q, cand, patches, alpha, scale)
             blended = torch.bmm(weights.unsqueeze(1), patches).squeeze(1)
             lost = empty.all(1)
             if bool(lost.any()):  # a query with no candidate at all learns nothing: the mean
                 blended[lost] = self.mean
             out[start : start + self.chunk] = blended
+        return out
+
+    def _weights(self, q, cand, patches, alpha, scale):
+        # ‖x - alpha y‖², expanded so the (m, k, D) difference is never formed
+        cross = torch.bmm(patches, q.unsqueeze(-1)).squeeze(-1)
+        dist = self.sq_norms[cand.clamp_min(0)] * (alpha * alpha) - 2.0 * alpha * cross
+        logits = (-scale * dist).masked_fill(cand < 0, -math.inf)
+        return torch.softmax(logits, dim=1)
+
+    def weights(self, queries, alpha, sigma, candidates) -> torch.Tensor:
+        """The (m, k) softmax weights of each query's candidates (0 for a missing one): what
+        :meth:`__call__` averages with, for a caller that needs the matches themselves."""
+        scale = 1.0 / (2.0 * sigma * sigma)
+        out = torch.zeros(candidates.shape, dtype=torch.float32)
+        for start in range(0, queries.shape[0], self.chunk):
+            q = queries[start : start + self.chunk].to(torch.float32)
+            cand = candidates[start : start + self.chunk]
+            patches = gather_patches(self.reference, cand.clamp_min(0), self.patch_size)
+            out[start : start + self.chunk] = torch.nan_to_num(self._weights(q, cand, patches, alpha, scale))
         return out
 
     def fold_image(self, source, candidates, alpha, sigma, window, canvas, grid_h, grid_w) -> bool:

@@ -29,23 +29,6 @@ from gigasid.core.patches import (
 class CandidateSource(Protocol):
     """Finds candidate reference positions for every patch of a noisy image."""
 
-    def _fold_bands(self, source, candidates, alpha, sigma, window, canvas, grid_h, grid_w) -> None:
-        """The generic path: unfold a band of patch rows, denoise it in chunks, fold it."""
-        size, chunk = self.patch_size, self.patch_denoiser.chunk
-        band = max(1, self.band_queries // grid_w)
-        for row0 in range(0, grid_h, band):
-            row1 = min(grid_h, row0 + band)
-            queries = unfold_rows(source, size, row0, row1)
-            count = queries.shape[0]
-            columns = self._buffer((queries.shape[1], count), source.device)
-            first = row0 * grid_w
-            for start in range(0, count, chunk):
-                stop = min(count, start + chunk)
-                cand = None if candidates is None else candidates[first + start : first + stop]
-                denoised = self.patch_denoiser(queries[start:stop], alpha, sigma, cand)
-                window_columns(denoised, window, out=columns[:, start:stop])
-            fold_columns(canvas, columns, row0, grid_w, size)
-
     def __call__(
         self,
         x_t: torch.Tensor,
@@ -157,3 +140,41 @@ class ImageDenoiser:
             canvas = wrap_periodic(canvas, height, width)
         canvas /= window_sum(height, width, window.double(), periodic=periodic)
         return canvas.to(torch.float32)
+
+    def matches(
+        self,
+        x_t: torch.Tensor,
+        alpha: float,
+        sigma: float,
+        *,
+        step: int | None = None,
+        origin: tuple[int, int] | None = None,
+        global_grid: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the knn backend averages for every query of x_t: candidate positions and their
+        weights, both (grid_h, grid_w, k), from the same candidates as :meth:`__call__` (the
+        correspondence decode folds the reference's pixels with them). Arguments as there."""
+        if not self.patch_denoiser.needs_candidates:
+            raise ValueError("matches need a knn backend (dense backends weigh every patch)")
+        if alpha <= 0.0:
+            raise ValueError("at alpha = 0 every patch weighs the same: there are no matches")
+        _, height, width = x_t.shape
+        size = self.patch_size
+        periodic = self.periodic and origin is None
+        source = x_t.to(torch.float32).contiguous()
+        if periodic:
+            source = periodic_pad(source, size)
+        grid_h, grid_w = grid_shape(height, width, size, periodic=periodic)
+        candidates = self.candidate_source(
+            x_t, alpha, periodic=self.periodic, step=step, origin=origin or (0, 0), global_grid=global_grid,
+            crop=origin is not None,
+        )
+        weights = torch.empty(candidates.shape, dtype=torch.float32)
+        band = max(1, self.band_queries // grid_w)
+        for row0 in range(0, grid_h, band):
+            row1 = min(grid_h, row0 + band)
+            first, last = row0 * grid_w, row1 * grid_w
+            queries = unfold_rows(source, size, row0, row1)
+            weights[first:last] = self.patch_denoiser.weights(queries, alpha, sigma, candidates[first:last])
+        k = candidates.shape[1]
+        return candidates.reshape(grid_h, grid_w, k), weights.reshape(grid_h, grid_w, k)

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+try:  # the CPU fast path; the torch code below is the reference and the CUDA path
+    import numba
+except ImportError:  # pragma: no cover
+    numba = None
 
 _MASK64 = (1 << 64) - 1
 
@@ -62,6 +68,11 @@ def gaussian_noise(
 ) -> torch.Tensor:
     """Standard normal noise (C, row1-row0, col1-col0), float32, for a half-open global box."""
     row0, col0, row1, col1 = box
+    if numba is not None and torch.device(device).type == "cpu":
+        keys = np.array([_stream_key(seed, scale, step, c) for c in range(channels)], dtype=np.int64)
+        out = np.empty((channels, row1 - row0, col1 - col0), dtype=np.float32)
+        _noise_cpu(keys.view(np.uint64), row0, col0, out)
+        return torch.from_numpy(out)
     rows = torch.arange(row0, row1, dtype=torch.int64, device=device)[:, None]
     cols = torch.arange(col0, col1, dtype=torch.int64, device=device)[None, :]
     counter = ((rows << 32) + cols) << 1  # two draws per position
@@ -74,3 +85,31 @@ def gaussian_noise(
         u2 = (_shift_right(second, 11).to(torch.float64) + 0.5) / 2.0**53
         planes.append(torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2))
     return torch.stack(planes).to(torch.float32)
+
+
+if numba is not None:
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _mix_u64(x):
+        x = (x ^ (x >> numba.uint64(30))) * numba.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> numba.uint64(27))) * numba.uint64(0x94D049BB133111EB)
+        return x ^ (x >> numba.uint64(31))
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _noise_cpu(keys, row0, col0, out):
+        """The torch code's arithmetic on uint64 (wrapping like its int64), one value at a time:
+        no int64 temporaries, ~20× faster on a CPU."""
+        golden = numba.uint64(0x9E3779B97F4A7C15)
+        scale = 1.0 / 2.0**53
+        two_pi = 2.0 * math.pi
+        for c in range(out.shape[0]):
+            base = keys[c]
+            for i in range(out.shape[1]):
+                row = numba.uint64(row0 + i) << numba.uint64(32)
+                for j in range(out.shape[2]):
+                    counter = (row + numba.uint64(col0 + j)) << numba.uint64(1)
+                    first = _mix_u64(counter * golden + base)
+                    second = _mix_u64((counter + numba.uint64(1)) * golden + base)
+                    u1 = (float(first >> numba.uint64(11)) + 0.5) * scale
+                    u2 = (float(second >> numba.uint64(11)) + 0.5) * scale
+                    out[c, i, j] = math.sqrt(-2.0 * math.log(u1)) * math.cos(two_pi * u2)

@@ -23,12 +23,18 @@ import torch
 import torch.nn.functional as F
 
 
-def patch_window(patch_size: int, rho: float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (P, P) separable Gaussian fold window; rho = inf gives ones."""
+def window_profile(patch_size: int, rho: float) -> torch.Tensor:
+    """The 1-D Gaussian over the patch's normalised coordinates ``linspace(-1, 1, P)``, float64;
+    rho = inf gives ones."""
     if rho <= 0:
         raise ValueError(f"rho must be > 0 (or inf), got {rho}")
     coords = torch.linspace(-1.0, 1.0, patch_size, dtype=torch.float64)
-    profile = torch.ones_like(coords) if math.isinf(rho) else torch.exp(-0.5 * (coords / rho) ** 2)
+    return torch.ones_like(coords) if math.isinf(rho) else torch.exp(-0.5 * (coords / rho) ** 2)
+
+
+def patch_window(patch_size: int, rho: float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (P, P) separable Gaussian fold window: the outer product of :func:`window_profile`."""
+    profile = window_profile(patch_size, rho)
     return torch.outer(profile, profile).to(dtype)
 
 

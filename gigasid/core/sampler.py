@@ -47,10 +47,15 @@ class SampleResult:
 
     scales: list[torch.Tensor]
     timings: list[ScaleTiming] = field(default_factory=list)
+    #: x_1 of the finest scale, the input of the last denoiser call (``keep_last_input``)
+    last_input: torch.Tensor | None = None
+    #: the pixel image, when the scales are latents a decoder turned into pixels
+    decoded: torch.Tensor | None = None
 
     @property
     def image(self) -> torch.Tensor:
-        return self.scales[0]
+        """The output: the decoded pixels of a latent job, else the finest scale."""
+        return self.decoded if self.decoded is not None else self.scales[0]
 
 
 def mirror(x_hat: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:
@@ -76,8 +81,12 @@ def sample(
     fixed_coarsest: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     on_scale: Callable[[ScaleTiming], None] | None = None,
+    keep_last_input: bool = False,
 ) -> SampleResult:
-    """Sample one image; ``denoisers[s]`` and ``shapes[s]`` are scale s, 0 the finest."""
+    """Sample one image; ``denoisers[s]`` and ``shapes[s]`` are scale s, 0 the finest. With
+    ``keep_last_input`` the result also holds x_1 of the finest scale (for decoders that need the
+    last step's matches)."""
+    last_input = None
     num_scales = len(shapes)
     num_steps = len(alphas) - 1
     finished: list[torch.Tensor | None] = [None] * num_scales
@@ -93,6 +102,8 @@ def sample(
             x_t = float(sigmas[-1]) * gaussian_noise(seed, scale, 0, channels, box, device=device)
             for t in range(num_steps, 0, -1):
                 alpha, sigma = float(alphas[t]), float(sigmas[t])
+                if keep_last_input and scale == 0 and t == 1:
+                    last_input = x_t
                 x_hat = denoisers[scale](x_t, alpha, sigma, step=t)
                 x_hat = mirror(x_hat, symmetry)
                 # ε̂ comes from the unblended estimate (paper Eq. 5 uses the denoiser's output)
@@ -109,4 +120,4 @@ def sample(
         timings.append(timing)
         if on_scale is not None:
             on_scale(timing)
-    return SampleResult([s for s in finished if s is not None], timings)
+    return SampleResult([s for s in finished if s is not None], timings, last_input)

@@ -19,12 +19,16 @@ import torch
 
 from gigasid import __version__, jobs
 from gigasid.config import JobConfig, to_mapping
+from gigasid.core.patches import grid_shape
 from gigasid.core.pyramid import resample
 from gigasid.errors import InputError
 from gigasid.graph import tasks
 from gigasid.graph.profiles import Profile, open_executor
 from gigasid.io.store import JobStore
 from gigasid.tiling.geometry import halo, tile_ranges
+
+# the pixel output's chunk side in latent jobs (their tiles are in latent cells, 8 px each)
+LATENT_OUTPUT_TILE = 1024
 
 Box = tuple[int, int, int, int]
 
@@ -61,7 +65,7 @@ def ingest_reference(store: JobStore, source: torch.Tensor | str | Path, config:
         height, width, channels = image_shape(source)
         # model space [-1, 1]: the same elementwise op as the in-memory path
         strips = ((top, strip.transpose(2, 0, 1) * 2.0 - 1.0) for top, strip in read_strips(source, rows))
-    shapes = jobs.reference_shapes(height, width, config)
+    shapes = jobs.pixel_reference_shapes(height, width, config)
     level0 = store.create_array("reference/0", (channels, height, width), (channels, rows, width), "float32")
     for top, strip in strips:
         level0[:, top : top + strip.shape[1]] = strip.astype(np.float32)
@@ -110,12 +114,17 @@ def create_job(
         from gigasid.io.images import image_shape
 
         height, width, _ = image_shape(image)
+    pixel_shapes = jobs.pixel_reference_shapes(height, width, config)
     ref_shapes = jobs.reference_shapes(height, width, config)
-    size = size or jobs.default_size(height, width, config)
-    out_shapes = jobs.output_shapes(ref_shapes, size, config)
+    size = tuple(size or jobs.default_size(height, width, config))
+    out_shapes = jobs.output_shapes(pixel_shapes, size, config)
+    factor = jobs.codec_factor(config)
     reach = job_halo(config, out_shapes)
     if tile <= reach:
-        raise InputError(f"--tile {tile} is not larger than this job's halo ({reach} px); use --tile {reach + 1} or more")
+        unit = "px" if factor == 1 else f"latent cells of {factor} px"
+        raise InputError(
+            f"--tile {tile} is not larger than this job's halo ({reach} {unit}); use --tile {reach + 1} or more"
+        )
     manifest = {
         "version": __version__,
         "config": to_mapping(config),
@@ -124,8 +133,13 @@ def create_job(
         "tile": tile,
         "channels": 0,  # set below, once the reference is read
         "source": source,
-        "reference_shapes": [list(s) for s in ref_shapes],
+        "reference_shapes": [list(s) for s in ref_shapes],  # sampling grids (latent cells in latent jobs)
+        "pixel_reference_shapes": [list(s) for s in pixel_shapes],
         "output_shapes": [list(s) for s in out_shapes],
+        "factor": factor,
+        # the pixel output's chunk: the tile itself in pixel space, a fixed size in latent jobs
+        "output_tile": tile if factor == 1 else LATENT_OUTPUT_TILE,
+        "dataset": "reference" if factor == 1 else "latent",
         "halo": reach,
         "scales_done": [],
         "output_done": False,
@@ -143,11 +157,15 @@ def create_job(
     store = JobStore.create(building, manifest)
     store.acquire_lock()
     periodic = config.application == "tileable"
-    _, channels = ingest_reference(store, image, config)
-    store.update_manifest(channels=channels)
+    _, image_channels = ingest_reference(store, image, config)
+    channels = image_channels
+    if factor > 1:
+        channels = _encode_reference(store, config, pixel_shapes, image_channels)
+    store.update_manifest(channels=channels, image_channels=image_channels)
+    dataset = store.manifest["dataset"]
     if config.denoiser.backend == "knn":  # built once here, opened by path in every worker
         for scale in range(len(ref_shapes)):
-            level = torch.from_numpy(store.array(f"reference/{scale}")[...])
+            level = torch.from_numpy(store.array(f"{dataset}/{scale}")[...])
             jobs.scale_denoiser(level, config, periodic=periodic, index_dir=store.index_dir(scale))
     steps = config.num_steps
     for scale, (height, width) in enumerate(out_shapes):
@@ -156,17 +174,46 @@ def create_job(
             store.create_array(f"scales/{scale}/{name}", (channels, height, width), chunks, "float32")
         grid = (len(tile_ranges(height, tile)), len(tile_ranges(width, tile)))
         store.create_array(f"scales/{scale}/done", (steps + 1, *grid), (1, *grid), "uint8")
-    height, width = out_shapes[0]
-    store.create_array("output", (channels, height, width), (channels, min(tile, height), min(tile, width)), "uint8")
-    grid = (len(tile_ranges(height, tile)), len(tile_ranges(width, tile)))
+    if factor > 1 and config.latent.decode == "correspondence":
+        # the last step's matches per query of the finest scale, chunked like its tiles
+        grid_h, grid_w = grid_shape(*out_shapes[0], config.patch_size, periodic=periodic)
+        k = config.index.k
+        chunks = (min(tile, grid_h), min(tile, grid_w), k)
+        store.create_array("scales/0/matches", (grid_h, grid_w, k), chunks, "int32", fill_value=-1)
+        store.create_array("scales/0/weights", (grid_h, grid_w, k), chunks, "float32")
+    height, width = size if factor > 1 else out_shapes[0]
+    out_tile = store.manifest["output_tile"]
+    chunks = (image_channels, min(out_tile, height), min(out_tile, width))
+    store.create_array("output", (image_channels, height, width), chunks, "uint8")
+    grid = (len(tile_ranges(height, out_tile)), len(tile_ranges(width, out_tile)))
     store.create_array("output_done", grid, grid, "uint8")
     if config.application == "retarget":  # the coarsest scale is given, not sampled
         coarsest = len(out_shapes) - 1
-        level = torch.from_numpy(store.array(f"reference/{len(ref_shapes) - 1}")[...])
+        level = torch.from_numpy(store.array(f"{dataset}/{len(ref_shapes) - 1}")[...])
         store.array(f"scales/{coarsest}/final")[...] = resample(level, out_shapes[-1]).numpy()
         store.update_manifest(scales_done=[coarsest])
     building.rename(path)
     return JobStore.open(path)  # still locked by us: the lock file moved with the directory
+
+
+def _encode_reference(store: JobStore, config: JobConfig, pixel_shapes, image_channels: int) -> int:
+    """Fit the job's codec on the stored pixel pyramid, keep it in the store, and write the
+    latents of every level (``latent/<s>``), band by band; returns the latent channels."""
+    from gigasid.codecs import encode_bands
+
+    def read(level, box):
+        return torch.from_numpy(store.array(f"reference/{level}")[:, box[0] : box[2], box[1] : box[3]])
+
+    codec = jobs.build_codec(config, read, pixel_shapes, image_channels)
+    store.save_codec(codec.state())
+    for scale, shape in enumerate(pixel_shapes):
+        rows, cols = jobs.latent_shape(*shape, codec.factor)
+        latents = store.create_array(
+            f"latent/{scale}", (codec.channels, rows, cols), (codec.channels, min(rows, 256), cols), "float32"
+        )
+        for r0, band in encode_bands(codec, lambda b, scale=scale: read(scale, b), shape):
+            latents[:, r0 : r0 + band.shape[1]] = band.numpy()
+    return codec.channels
 
 
 def plan_text(store: JobStore) -> str:
@@ -174,7 +221,14 @@ def plan_text(store: JobStore) -> str:
     manifest = store.manifest
     config = tasks.job_config(store)
     tile, steps, channels = manifest["tile"], config.num_steps, manifest["channels"]
-    lines = [f"plan: {len(manifest['output_shapes'])} scales x {steps} steps, tile {tile} px, halo {manifest['halo']} px"]
+    unit = "px" if manifest.get("factor", 1) == 1 else f"latent cells ({manifest['factor']} px each)"
+    lines = [f"plan: {len(manifest['output_shapes'])} scales x {steps} steps, tile {tile} {unit}, halo {manifest['halo']}"]
+    if config.latent.codec != "pixel":
+        lines.append(f"  latent space: {config.latent.codec}, {channels} channels, decode: {config.latent.decode}")
+    if config.denoiser.backend == "knn" and config.index.kind == "auto":
+        from gigasid.index.search import auto_thresholds
+
+        lines.append(f"  {auto_thresholds()}")
     pixel_steps, disk = 0.0, 0
     for scale, (height, width) in enumerate(manifest["output_shapes"]):
         count = len(tile_boxes((height, width), tile))
@@ -271,7 +325,7 @@ def execute(store: JobStore, profile: Profile, *, progress: Progress | None = No
             )
         if not store.manifest["output_done"]:
             done = store.array("output_done")
-            boxes = tile_boxes(shapes[0], tile)
+            boxes = tile_boxes(store.array("output").shape[1:], manifest["output_tile"])
             where = {box: ij for ij, box in boxes}
             grid = done[...]
             pending = [(path, box) for (i, j), box in boxes if not grid[i, j]]

@@ -16,6 +16,23 @@ import torch
 
 IndexKind = Literal["exact", "flat", "ivf", "ivfpq"]
 
+# ``auto``: exact search while it is cheap, IVF up to where its flat lists stop fitting a worker's
+# cache comfortably, IVF-PQ beyond (its codes are 8x smaller than float32 vectors)
+AUTO_EXACT_BELOW = 20_000
+AUTO_PQ_FROM = 2_000_000
+
+
+def auto_kind(count: int) -> IndexKind:
+    """The index kind ``auto`` picks for a scale with ``count`` reference patches."""
+    if count < AUTO_EXACT_BELOW:
+        return "flat"
+    return "ivf" if count < AUTO_PQ_FROM else "ivfpq"
+
+
+def auto_thresholds() -> str:
+    return (f"index auto: flat (exact) below {AUTO_EXACT_BELOW:,} patches, ivf below {AUTO_PQ_FROM:,}, "
+            "ivfpq from there")
+
 
 class VectorIndex(Protocol):
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,12 +4,16 @@ Layout (DESIGN.md §5)::
 
     OUT.zarr/
       zarr.json                 group; attrs["gigasid"] = the manifest (driver-written only)
-      reference/<s>             float32 (C, h, w): the reference at scale s
+      reference/<s>             float32 (C, h, w): the reference's pixels at scale s
+      codec/                    a latent job's fitted codec (arrays; the rest in attrs["codec"])
+      latent/<s>                float32 (K, h/f, w/f): the latents of reference/<s> (latent jobs)
       index/<s>/                the scale's candidate index files (knn jobs)
       scales/<s>/x0, x1         float32 (C, H, W) ping-pong buffers of x_t, chunk = tile
       scales/<s>/final          float32 (C, H, W): the finished scale
       scales/<s>/done           uint8 (T + 1, tiles_r, tiles_c): stage k done for tile (i, j)
-      output                    uint8 (C, H, W): the image, chunk = tile
+      scales/0/matches, weights int32 / float32 (grid_h, grid_w, k): the last step's candidates
+                                and weights per query (correspondence decode of latent jobs)
+      output                    uint8 (C, H, W): the pixel image, chunk = output tile
       .lock                     the writer's pid while a process writes the store
 
 Stage k of a scale: k = 0 writes x_T into x0; k = 1..T is the step from t = T - k + 1, reading
@@ -140,6 +144,27 @@ class JobStore:
             name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill_value,
             compressors=_COMPRESSORS, overwrite=True,
         )
+
+    def save_codec(self, state: dict) -> None:
+        """A latent codec's state: its arrays under ``codec/``, the rest in the group's attrs."""
+        plain = {}
+        for key, value in state.items():
+            if isinstance(value, np.ndarray):
+                self.group.create_array(f"codec/{key}", data=value, overwrite=True)
+            else:
+                plain[key] = value
+        self.group.attrs["codec"] = json.loads(json.dumps(plain))
+
+    def load_codec_state(self) -> dict | None:
+        """What :meth:`save_codec` kept, or None for a pixel-space job."""
+        plain = self.group.attrs.get("codec")
+        if plain is None:
+            return None
+        state = dict(plain)
+        if "codec" in self.group:
+            for key, array in self.group["codec"].arrays():
+                state[key] = array[...]
+        return state
 
     def index_dir(self, scale: int) -> Path:
         return self.path / "index" / str(scale)

@@ -1,0 +1,194 @@
+"""The embedded latent space: a lapped PCA transform fitted on the reference in closed form.
+
+Each latent cell (i, j) holds K coefficients of the 2f×2f pixel block centred on its f×f block
+(pixels [f·i − f/2, f·i + 3f/2) per axis, edge-replicated past the image), seen through a sine
+window w[n] = sin(π(n + ½)/2f). The sine window satisfies w[n]² + w[n + f]² = 1 (Princen–Bradley),
+so windowing at analysis and again at synthesis, with overlap-add at stride f, rebuilds the image
+exactly when all coefficients are kept: this is why decoded images have no f-pixel block seams,
+unlike a plain block transform. The K directions are the principal components of windowed blocks
+sampled from the reference's pyramid (their covariance summed in float64, so the fit's memory does
+not depend on the reference's size), and one global scale brings the latents to the RMS of pixel
+values, which is what the noise schedule assumes (σ_max = 1 against data in [-1, 1]).
+
+This module is the math only (torch): :func:`fit_lapped_pca` reads pixels through a callback, the
+caller owns the files. It does not choose K: :mod:`bench.codec` measures reconstruction per K.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# the RMS the latents are scaled to: that of natural images in [-1, 1] (about 0.5)
+LATENT_RMS = 0.5
+
+
+def sine_window(factor: int) -> torch.Tensor:
+    """The 2f-tap analysis/synthesis window, float64."""
+    n = torch.arange(2 * factor, dtype=torch.float64)
+    return torch.sin(math.pi * (n + 0.5) / (2 * factor))
+
+
+class BlockCovariance:
+    """Running float64 mean and second moment of windowed blocks (rows of C·(2f)² values)."""
+
+    def __init__(self, dims: int):
+        self.count = 0
+        self.total = torch.zeros(dims, dtype=torch.float64)
+        self.outer = torch.zeros(dims, dims, dtype=torch.float64)
+
+    def add(self, blocks: torch.Tensor) -> None:
+        blocks = blocks.to(torch.float64)
+        self.count += blocks.shape[0]
+        self.total += blocks.sum(0)
+        self.outer += blocks.T @ blocks
+
+    def principal(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, the k leading directions as columns, all eigenvalues descending)."""
+        mean = self.total / self.count
+        covariance = self.outer / self.count - torch.outer(mean, mean)
+        values, vectors = torch.linalg.eigh(covariance)
+        order = torch.argsort(values, descending=True)
+        values, vectors = values[order].clamp_min(0.0), vectors[:, order]
+        # a deterministic sign per direction (eigh's is arbitrary): largest entry positive
+        signs = torch.sign(vectors.gather(0, vectors.abs().argmax(0, keepdim=True)))
+        return mean, vectors[:, :k] * signs[:, :k], values
+
+
+class LappedPCACodec:
+    """Encode/decode with a fitted lapped PCA basis (see the module docstring)."""
+
+    name = "pca"
+
+    def __init__(self, mean: np.ndarray, basis: np.ndarray, scale: float, *, image_channels: int, factor: int = 8):
+        self.factor = factor
+        self.image_channels = image_channels
+        self.channels = basis.shape[1]
+        self.encode_halo = factor  # reach f/2 past the block, rounded up to whole cells
+        self.decode_halo = 1
+        self.mean = torch.as_tensor(np.asarray(mean), dtype=torch.float64)
+        self.basis = torch.as_tensor(np.asarray(basis), dtype=torch.float64)  # (C·(2f)², K)
+        self.scale = float(scale)
+        window = sine_window(factor)
+        self._window = torch.outer(window, window).repeat(image_channels, 1, 1).reshape(-1)  # (C·(2f)²,)
+        self._window1d = window
+        self._analysis = (self.basis * self._window[:, None]).T.contiguous()  # (K, D): window folded in
+        self._mean_coef = self.basis.T @ self.mean  # (K,)
+
+    # ---- fitting ---------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, covariance: BlockCovariance, k: int, *, image_channels: int, factor: int = 8) -> LappedPCACodec:
+        """The codec of the k leading directions of the sampled blocks' covariance."""
+        dims = image_channels * (2 * factor) ** 2
+        if not 1 <= k <= dims:
+            raise ValueError(f"latent channels must be in [1, {dims}] for {image_channels}-channel images, got {k}")
+        mean, basis, values = covariance.principal(k)
+        # scale the coefficients to the pixel RMS: the mean square of a latent entry is the mean of
+        # the kept eigenvalues (the coefficients are centred)
+        power = float(values[:k].mean())
+        scale = LATENT_RMS / math.sqrt(power) if power > 0 else 1.0
+        return cls(mean.numpy(), basis.numpy(), scale, image_channels=image_channels, factor=factor)
+
+    # ---- the contract ------------------------------------------------------------------------
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        blocks = _blocks(pixels.to(torch.float64), self.factor)  # (D, h, w), unwindowed
+        dims, height, width = blocks.shape
+        coef = self._analysis @ blocks.reshape(dims, -1) - self._mean_coef[:, None]
+        return (coef * self.scale).reshape(self.channels, height, width).to(torch.float32)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        height, width = latents.shape[1:]
+        coef = latents.to(torch.float64).reshape(self.channels, -1) / self.scale
+        blocks = (self.basis @ coef + self.mean[:, None]) * self._window[:, None]  # synthesis window
+        # overlap-add at stride f: block (i, j) lands on padded rows [f·i, f·i + 2f), i.e. image
+        # rows [f·i − f/2, …)
+        canvas = F.fold(blocks[None], (f * height + f, f * width + f), 2 * f, stride=f)[0]
+        half = f // 2
+        canvas = canvas[:, half : half + f * height, half : half + f * width]
+        # divide by the summed squared window; 1 inside, less on the outer half-blocks
+        rows = _coverage(self._window1d, height, f)
+        cols = _coverage(self._window1d, width, f)
+        return (canvas / (rows[:, None] * cols[None, :])).to(torch.float32)
+
+    def state(self) -> dict:
+        return {
+            "name": self.name,
+            "factor": self.factor,
+            "image_channels": self.image_channels,
+            "scale": self.scale,
+            "mean": self.mean.numpy(),
+            "basis": self.basis.numpy(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> LappedPCACodec:
+        return cls(
+            state["mean"], state["basis"], state["scale"], image_channels=int(state["image_channels"]),
+            factor=int(state["factor"]),
+        )
+
+
+def _blocks(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """(C·(2f)², h, w): the 2f×2f block of every cell, edge-replicated past the image."""
+    channels, height, width = pixels.shape
+    f, half = factor, factor // 2
+    rows, cols = -(-height // f), -(-width // f)
+    # replicate by index clamping: cells need rows [−f/2, f·rows + f/2)
+    r = torch.arange(-half, f * rows + half).clamp(0, height - 1)
+    c = torch.arange(-half, f * cols + half).clamp(0, width - 1)
+    padded = pixels[:, r][:, :, c]
+    unfolded = F.unfold(padded[None], 2 * f, stride=f)[0]  # (C·(2f)², rows·cols), (C, ky, kx) order
+    return unfolded.reshape(channels * (2 * f) ** 2, rows, cols)
+
+
+def _coverage(window: torch.Tensor, cells: int, factor: int) -> torch.Tensor:
+    """Per pixel row of a ``cells``-cell decode: the sum of the squared windows covering it."""
+    f, half = factor, factor // 2
+    total = torch.zeros(f * cells + f, dtype=torch.float64)
+    for cell in range(cells):
+        total[f * cell : f * cell + 2 * f] += window**2
+    return total[half : half + f * cells]
+
+
+class _WindowedBlocks:
+    """Not a codec: what ``encode_box`` needs to cut the windowed blocks of a box's cells."""
+
+    def __init__(self, factor: int, image_channels: int):
+        self.factor, self.encode_halo = factor, factor
+        window = sine_window(factor)
+        self._window = torch.outer(window, window).repeat(image_channels, 1, 1).reshape(-1, 1, 1)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _blocks(pixels.to(torch.float64), self.factor) * self._window
+
+
+def fit_lapped_pca(
+    read_pixels, shapes: list[tuple[int, int]], k: int, *, image_channels: int, max_blocks: int,
+    factor: int = 8, band_cells: int = 32,
+) -> LappedPCACodec:
+    """Fit the codec on blocks sampled from every level of a pixel pyramid, in bounded memory.
+
+    ``read_pixels(level, box)`` returns the (C, h, w) pixels of ``box`` of pyramid level
+    ``level`` (finest first, ``shapes[level]`` its size). Cells on a lattice of stride s per axis
+    are sampled, s the smallest that keeps the count under ``max_blocks``; the pixels are read in
+    bands of ``band_cells`` cell rows, so memory does not grow with the reference.
+    """
+    from gigasid.codecs import encode_box, latent_shape
+
+    grids = [latent_shape(h, w, factor) for h, w in shapes]
+    total = sum(rows * cols for rows, cols in grids)
+    stride = max(1, math.ceil(math.sqrt(total / max_blocks)))
+    band = max(stride, band_cells // stride * stride)
+    extractor = _WindowedBlocks(factor, image_channels)
+    covariance = BlockCovariance(image_channels * (2 * factor) ** 2)
+    for level, (shape, (rows, cols)) in enumerate(zip(shapes, grids)):
+        for r0 in range(0, rows, band):
+            box = (r0, 0, min(rows, r0 + band), cols)
+            blocks = encode_box(extractor, lambda b, level=level: read_pixels(level, b), shape, box)
+            picked = blocks[:, ::stride, ::stride]  # r0 is a multiple of stride: a global lattice
+            covariance.add(picked.reshape(picked.shape[0], -1).T)
+    return LappedPCACodec.fit(covariance, k, image_channels=image_channels, factor=factor)
