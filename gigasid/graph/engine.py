@@ -157,16 +157,24 @@ def create_job(
     store = JobStore.create(building, manifest)
     store.acquire_lock()
     periodic = config.application == "tileable"
+    setup = {}  # seconds per setup stage, for `gigasid info` and the benchmarks
+    started = time.perf_counter()
     _, image_channels = ingest_reference(store, image, config)
+    setup["ingest"] = time.perf_counter() - started
     channels = image_channels
     if factor > 1:
+        started = time.perf_counter()
         channels = _encode_reference(store, config, pixel_shapes, image_channels)
+        setup["codec fit + encode"] = time.perf_counter() - started
     store.update_manifest(channels=channels, image_channels=image_channels)
     dataset = store.manifest["dataset"]
     if config.denoiser.backend == "knn":  # built once here, opened by path in every worker
+        started = time.perf_counter()
         for scale in range(len(ref_shapes)):
             level = torch.from_numpy(store.array(f"{dataset}/{scale}")[...])
             jobs.scale_denoiser(level, config, periodic=periodic, index_dir=store.index_dir(scale))
+        setup["indexes"] = time.perf_counter() - started
+    store.update_manifest(setup_timings=setup)
     steps = config.num_steps
     for scale, (height, width) in enumerate(out_shapes):
         chunks = (channels, min(tile, height), min(tile, width))
@@ -336,9 +344,12 @@ def execute(store: JobStore, profile: Profile, *, progress: Progress | None = No
                 done[i, j] = 1
                 progress.tick()
 
+            started = time.perf_counter()
             if pending:
                 executor.map(tasks.write_output_tile, pending, written)
-            store.update_manifest(output_done=True)
+            timings = store.manifest["timings"]
+            timings["output"] = timings.get("output", 0.0) + time.perf_counter() - started
+            store.update_manifest(output_done=True, timings=timings)
     store.update_manifest(status="complete")
 
 

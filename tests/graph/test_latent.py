@@ -135,3 +135,49 @@ def test_a_killed_latent_job_resumes_to_the_same_pixels(tmp_path, coffee):
                           text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert np.array_equal(engine.read_output(engine.JobStore.open(killed)), expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A randomly initialised AutoencoderKL of the FLUX.1 layout (16 channels, 8x), tiny widths:
+    real weights cannot be downloaded here."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=16, norm_num_groups=4,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    folder = tmp_path_factory.mktemp("vae") / "tiny-flux-vae"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_vae_job_end_to_end_tiled_equals_in_memory(tmp_path, coffee, tiny_vae):
+    """The vae codec through the whole job: encoding the reference pyramid, latent sampling, and
+    the correspondence decode (no VAE decoder involved, so tiles are exact)."""
+    config = load_pipeline("gigapixel", [*SMALL, "latent.codec=vae", f"latent.vae_path={tiny_vae}"])
+    expected = _in_memory(coffee, config, (200, 296))
+    got = _tiled(tmp_path / "job.zarr", coffee, config, (200, 296), 18)
+    assert np.array_equal(got, expected)
+
+
+def test_vae_job_with_the_vae_decoder(tmp_path, coffee, tiny_vae):
+    config = load_pipeline(
+        "gigapixel", [*SMALL, "latent.codec=vae", f"latent.vae_path={tiny_vae}", "latent.decode=codec"]
+    )
+    got = _tiled(tmp_path / "job.zarr", coffee, config, (200, 296), 18)
+    assert got.shape == (3, 200, 296)
+    assert engine.JobStore.open(tmp_path / "job.zarr").load_codec_state()["name"] == "vae"
+
+
+def test_a_vae_job_without_weights_says_where_it_looked(tmp_path, capsys):
+    from gigasid.cli import main
+
+    missing = tmp_path / "no-such-vae"
+    code = main(["generate", str(COFFEE), "-o", str(tmp_path / "out.png"), "--pipeline", "gigapixel",
+                 "--set", "latent.codec=vae", "--set", f"latent.vae_path={missing}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(missing) in err and err.count("\n") == 1
