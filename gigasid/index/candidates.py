@@ -25,8 +25,10 @@ take their cell's searched candidates shifted by their offset.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +77,17 @@ class PatchFeatures:
         rows = torch.arange(grid_h) if rows is None else rows
         cols = torch.arange(grid_w) if cols is None else cols
         image = image.to(torch.float32).contiguous()
+        if _project_rows is not None and image.device.type == "cpu":
+            out = np.empty((len(rows) * len(cols), self.dims), dtype=np.float32)
+            serial = numba.get_num_threads() == 1 or threading.current_thread() is not threading.main_thread()
+            kernel = _project_rows_serial if serial else _project_rows
+            # float32 in one fixed summation order per patch: a tile's crop gets the whole
+            # image's bits (a matmul's order depends on its shape, hence the float64 path below)
+            basis = self.basis.T.to(torch.float32).contiguous().numpy()  # (dims, D)
+            offset = self.offset.to(torch.float32).numpy()
+            kernel(image.numpy(), rows.numpy().astype(np.int64), cols.numpy().astype(np.int64), basis, offset,
+                   size, out)
+            return torch.from_numpy(out)
         corners = image.as_strided(
             (grid_h, grid_w, channels, size, size), (width, 1, height * width, width, 1), image.storage_offset()
         )
@@ -318,3 +331,43 @@ def _drop_duplicates(candidates: torch.Tensor) -> torch.Tensor:
     repeated = torch.zeros_like(ordered, dtype=torch.bool)
     repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
     return ordered.masked_fill(repeated, -1)
+
+
+try:  # the CPU fast path of PatchFeatures.project; without numba the float64 matmul runs
+    import numba
+except ImportError:  # pragma: no cover
+    numba = None
+    _project_rows = _project_rows_serial = None
+
+if numba is not None:
+
+    @numba.njit(cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
+    def _project_one(image, r, c, basis_t, offset, size, patch, out_row):
+        """One patch's components: the patch gathered in (C, P, P) order, then one dot product
+        per component, each summed in an order fixed by the patch length alone (so a tile's crop
+        gets the whole image's bits)."""
+        i = 0
+        for ch in range(image.shape[0]):
+            for dy in range(size):
+                for dx in range(size):
+                    patch[i] = image[ch, r + dy, c + dx]
+                    i += 1
+        for d in range(basis_t.shape[0]):
+            total = np.float32(0.0)
+            for j in range(patch.shape[0]):
+                total += patch[j] * basis_t[d, j]
+            out_row[d] = total - offset[d]
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _project_rows(image, rows, cols, basis, offset, size, out):
+        for a in numba.prange(len(rows)):
+            patch = np.empty(basis.shape[1], dtype=np.float32)
+            for b in range(len(cols)):
+                _project_one(image, rows[a], cols[b], basis, offset, size, patch, out[a * len(cols) + b])
+
+    @numba.njit(cache=True, boundscheck=False)
+    def _project_rows_serial(image, rows, cols, basis, offset, size, out):
+        patch = np.empty(basis.shape[1], dtype=np.float32)
+        for a in range(len(rows)):
+            for b in range(len(cols)):
+                _project_one(image, rows[a], cols[b], basis, offset, size, patch, out[a * len(cols) + b])
