@@ -1,5 +1,5 @@
-"""The command line: ``gigasid generate | resume | info``. Thin: parse, read, call ``jobs`` or
-``graph.engine``, write, report.
+"""The command line: ``gigasid generate | resume | info | export | view``. Thin: parse, read, call
+``jobs``, ``graph.engine``, ``io.exporters`` or ``io.viewer``, write, report.
 
 User mistakes (:class:`~gigasid.errors.GigasidError`) become one line on stderr and exit code 2;
 anything else is a bug and keeps its traceback.
@@ -40,11 +40,32 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a preset setting, e.g. --set index.k=10 --set eta=1")
     gen.add_argument("--tile", type=int, help="run out of core through the tiled engine with this tile size (px)")
     gen.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
+    gen.add_argument("--export", action="append", default=[], type=Path, metavar="OUT",
+                     help="after a .zarr job finishes, export it to OUT (as `gigasid export`, default options); repeatable")
     res = commands.add_parser("resume", help="continue a stopped out-of-core job from its store")
     res.add_argument("store", type=Path)
     res.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
+    res.add_argument("--export", action="append", default=[], type=Path, metavar="OUT",
+                     help="when the job is complete, export it to OUT (as `gigasid export`); repeatable")
     inf = commands.add_parser("info", help="show a job store's config, status and per-scale timings")
     inf.add_argument("store", type=Path)
+    exp = commands.add_parser(
+        "export", help="write a finished job store as pyramidal TIFF, DeepZoom, OME-Zarr, PNG or JPEG",
+        description="The format comes from OUTPUT's name: .tif/.ome.tif (pyramidal tiled OME BigTIFF), .dzi "
+        "(DeepZoom), .ome.zarr (OME-Zarr NGFF 0.5), .png/.jpg (the whole image, or a --preview).",
+    )
+    exp.add_argument("store", type=Path, help="a finished job store (OUT.zarr)")
+    exp.add_argument("output", type=Path, help="OUT.tif, OUT.ome.tif, OUT.dzi, OUT.ome.zarr, OUT.png or OUT.jpg")
+    exp.add_argument("--tile", type=int, help="tile (TIFF, DeepZoom) or chunk (OME-Zarr) side in pixels (default 256)")
+    exp.add_argument("--compression", help="TIFF: jpeg (default), zstd, deflate, none; DeepZoom tiles: jpeg (default), "
+                     "png; OME-Zarr: zstd (default), deflate, none")
+    exp.add_argument("--quality", type=int, help="JPEG quality 1-100 (default 90)")
+    exp.add_argument("--overlap", type=int, help="DeepZoom: pixels a tile shares with each neighbour (default 1)")
+    exp.add_argument("--preview", type=int, metavar="N", help="PNG/JPEG: a downscaled copy whose long side is N pixels")
+    view = commands.add_parser("view", help="pan and zoom a .dzi export or a job store in a browser (local page)")
+    view.add_argument("path", type=Path, help="a .dzi export or a finished job store")
+    view.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")
+    view.add_argument("--open", action="store_true", help="also open the page in the default browser")
     return parser
 
 
@@ -83,10 +104,21 @@ def generate_command(args: argparse.Namespace) -> None:
         raise InputError(f"--tile must be a positive number of pixels, got {args.tile}")
     size = parse_size(args.size) if args.size else None
     config = load_pipeline(args.pipeline, args.overrides)
+    if args.export and args.output.suffix != ".zarr":
+        raise InputError(
+            f"--export exports a job store: write the job to one (-o JOB.zarr --export {args.export[0]}), "
+            "or export an existing store with `gigasid export`"
+        )
     if args.output.suffix == ".zarr":
         if args.input.is_dir() or args.samples != 1:
             raise InputError("a .zarr output holds one job: give one input image and --samples 1")
+        from gigasid.io.exporters import check_export
+
+        for path in args.export:  # a bad export path fails now, not after the job
+            check_export(path)
         _generate_store(args, config, size)
+        for path in args.export:
+            _export(args.output, path)
         return
     folder_input = args.input.is_dir()
     inputs = list_images(args.input) if folder_input else [args.input]
@@ -160,14 +192,50 @@ def _tiled_to_image(args, config, size, image, seed, out_path, source) -> None:
         write_image(out_path, engine.read_output(store).transpose(1, 2, 0))
 
 
+def _export(store: Path, output: Path, options=None) -> None:
+    from gigasid.io.exporters import ExportOptions, export
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    report = export(store, output, options or ExportOptions(), log=progress)
+    first, last = report.resolutions[0], report.resolutions[-1]
+    sizes = f"{first[0]}x{first[1]}" + (f" down to {last[0]}x{last[1]}" if len(report.resolutions) > 1 else "")
+    built = f", output pyramid built in {report.pyramid_seconds:.1f} s" if report.pyramid_seconds >= 0.05 else ""
+    print(f"{store} -> {output}: {report.format}, {len(report.resolutions)} resolution(s) {sizes} "
+          f"in {report.seconds:.1f} s{built}")
+
+
+def export_command(args: argparse.Namespace) -> None:
+    from gigasid.io.exporters import ExportOptions
+
+    options = ExportOptions(
+        tile=args.tile, quality=args.quality, compression=args.compression, overlap=args.overlap, preview=args.preview
+    )
+    _export(args.store, args.output, options)
+
+
+def view_command(args: argparse.Namespace) -> None:
+    from gigasid.io import viewer
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be between 0 and 65535 (0: any free port), got {args.port}")
+    viewer.serve(args.path, args.port, open_browser=args.open, log=lambda message: print(message, flush=True))
+
+
 def resume_command(args: argparse.Namespace) -> None:
     from gigasid.graph import engine
     from gigasid.graph.profiles import load_profile
+    from gigasid.io.exporters import check_export
 
     profile = load_profile(args.scheduler)
+    for path in args.export:
+        check_export(path)
     started = time.perf_counter()
     engine.resume(args.store, profile)
     print(f"{args.store}: complete ({time.perf_counter() - started:.1f} s)")
+    for path in args.export:
+        _export(args.store, path)
 
 
 def info_command(args: argparse.Namespace) -> None:
@@ -191,6 +259,9 @@ def info_command(args: argparse.Namespace) -> None:
             took += f", {compute[str(scale)]:.1f} s computing in tasks"
         print(f"  scale {scale}: {height}x{width} {state}{took}")
     print(f"  output: {'written' if manifest['output_done'] else 'pending'}")
+    pyramid = manifest.get("output_pyramid")
+    if pyramid:  # built by the first export or `gigasid view`
+        print(f"  output pyramid: {pyramid['levels_done']} of {len(pyramid['shapes'])} reduced levels built")
 
 
 def _print_table(source, out_path, job, result, total, seed) -> None:
@@ -219,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
             resume_command(args)
         elif args.command == "info":
             info_command(args)
+        elif args.command == "export":
+            export_command(args)
+        elif args.command == "view":
+            view_command(args)
     except GigasidError as error:
         print(f"gigasid: error: {error}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from PIL import Image
 from gigasid.cli import main, parse_size
 from gigasid.config import available_pipelines
 from gigasid.errors import InputError
+from gigasid.io.testing import deny_writes
 
 REPO = Path(__file__).resolve().parent.parent
 ROCKET = REPO / "examples" / "rocket.png"
@@ -165,14 +166,7 @@ def test_output_directory_not_writable(tmp_path, capsys, monkeypatch) -> None:
     image = crop(tmp_path / "in.png")
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_access = os.access
-
-    def access(path, mode, *args, **kwargs):  # tests run as root, where chmod does not lock
-        if os.path.abspath(os.fspath(path)) == str(locked) and mode & os.W_OK:
-            return False
-        return real_access(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
+    deny_writes(monkeypatch, locked)
     code, _, err = run_cli(capsys, "generate", image, "-o", locked / "out.png", *FAST)
     assert_user_error(code, err, "not writable")
 
@@ -283,3 +277,48 @@ def test_smoke_command_in_a_subprocess(tmp_path) -> None:
     with Image.open(output) as written:
         assert written.format == "PNG"
         assert written.size == (248, 186)  # (width, height): 186 rows x 248 columns, as the input
+
+
+# --- exports after a job (--export) and the export command -------------------------------------
+
+
+def test_generate_exports_when_the_job_finishes(tmp_path, capsys) -> None:
+    import tifffile
+
+    from gigasid.io.store import JobStore
+
+    image = crop(tmp_path / "in.png")
+    store = tmp_path / "job.zarr"
+    code, out, err = run_cli(
+        capsys, "generate", image, "-o", store, *FAST, "--tile", 32,
+        "--export", tmp_path / "out.ome.tif", "--export", tmp_path / "out.dzi",
+    )
+    assert code == 0, err
+    assert "out.ome.tif: pyramidal OME-TIFF" in out and "out.dzi: DeepZoom" in out
+    output = JobStore.open(store).array("output")[...]
+    with tifffile.TiffFile(tmp_path / "out.ome.tif") as tiff:
+        assert tiff.is_ome and tiff.is_bigtiff
+        assert tiff.series[0].shape == (output.shape[1], output.shape[2], 3)
+    assert (tmp_path / "out_files").is_dir()
+    # the same store exports again without rebuilding anything
+    code, out, err = run_cli(capsys, "export", store, tmp_path / "again.png")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), output.transpose(1, 2, 0))
+    assert "output pyramid built" not in out
+    code, out, _ = run_cli(capsys, "info", store)
+    assert code == 0 and "output pyramid: 6 of 6 reduced levels built" in out, out
+
+
+def test_generate_export_needs_a_store_output(tmp_path, capsys) -> None:
+    image = crop(tmp_path / "in.png")
+    code, _, err = run_cli(capsys, "generate", image, "-o", tmp_path / "out.png", *FAST, "--export", tmp_path / "x.tif")
+    assert_user_error(code, err, "--export exports a job store", "-o JOB.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+@pytest.mark.parametrize(("export", "needle"), [("out.gif", "not an export format"), ("no/such/out.tif", "does not exist")])
+def test_generate_bad_export_fails_before_the_job(tmp_path, capsys, export, needle) -> None:
+    image = crop(tmp_path / "in.png")
+    code, _, err = run_cli(capsys, "generate", image, "-o", tmp_path / "job.zarr", *FAST, "--export", tmp_path / export)
+    assert_user_error(code, err, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]  # no store was created
