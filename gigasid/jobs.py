@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gigasid.codecs import Codec, encode_bands, latent_shape
-from gigasid.codecs.correspondence import fold_matches
+from gigasid.codecs.correspondence import fold_matches, pad_reference
 from gigasid.config import JobConfig
 from gigasid.core.denoisers import ExactDenoiser, FusedDenoiser, KnnDenoiser
 from gigasid.core.image_denoiser import ImageDenoiser
@@ -237,7 +237,7 @@ def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
                 result.last_input, float(alphas[1]), float(sigmas[1]), step=1
             )
             pixels = correspondence_decode(
-                config, job.pixel_reference.numpy(), job.reference_shapes[0], job.output_shapes[0],
+                config, pad_reference(job.pixel_reference.numpy(), job.codec.factor), job.reference_shapes[0], job.output_shapes[0],
                 positions.numpy(), weights.numpy(), box=(0, 0, height, width),
             )
             result.decoded = torch.from_numpy(pixels)
@@ -259,7 +259,7 @@ def correspondence_decode(
 ) -> np.ndarray:
     """The pixels of ``box`` folded from the reference's pixels at the last step's matches.
 
-    ``reference`` (C, H, W) is the finest pixel level, ``ref_grid``/``out_grid`` the finest latent
+    ``reference`` is ``codecs.correspondence.pad_reference`` of the finest pixel level, ``ref_grid``/``out_grid`` the finest latent
     grids of the reference and the output; ``positions``/``weights`` the matches of the queries
     starting at latent patch ``query_origin`` (see ``codecs.correspondence``).
     """

@@ -29,57 +29,75 @@ Box = tuple[int, int, int, int]
 
 def _fold_matches(reference, positions, weights, ref_grid_w, factor, window, query_r0, query_c0,
                   box_r0, box_c0, out, coverage, out_h, out_w, periodic):
-    """Add every query's weighted reference pixel patches into ``out`` (h, w, C) over the box.
+    """Add every query's weighted reference pixel patches into ``out`` (h, w·C) over the box.
 
-    ``reference`` (Hr, Wr, C); ``positions``/``weights`` (n_r, n_c, k), query (a, b) being the
-    global latent patch (query_r0 + a, query_c0 + b); ``window`` (fP,) the 1-D profile.
+    ``reference`` (Hr, Wr·C), padded so that every patch lies inside; ``positions``/``weights``
+    (n_r, n_c, k), query (a, b) being the global latent patch (query_r0 + a, query_c0 + b);
+    ``window`` (fP,) the 1-D profile. Patch rows are split into at most two runs of columns that
+    stay contiguous in the box (two where a periodic output wraps), so the inner loops run over
+    contiguous slices and vectorise.
     """
-    ref_h, ref_w, channels = reference.shape
+    channels = out.shape[1] // coverage.shape[1]
     size = window.shape[0]
-    box_h, box_w = out.shape[0], out.shape[1]
-    oy = np.empty(size, dtype=np.int64)
-    ox = np.empty(size, dtype=np.int64)
+    box_h, box_w = coverage.shape
+    seg_dx = np.empty(2, dtype=np.int64)  # first patch column of each run
+    seg_ox = np.empty(2, dtype=np.int64)  # its box column
+    seg_n = np.empty(2, dtype=np.int64)  # its length
     for a in range(positions.shape[0]):
         top = factor * (query_r0 + a)
-        for d in range(size):  # patch row → box row, or -1 when it falls outside the box
-            y = top + d
-            if periodic:
-                y = y % out_h
-            y -= box_r0
-            oy[d] = y if 0 <= y < box_h else -1
         for b in range(positions.shape[1]):
             left = factor * (query_c0 + b)
-            for d in range(size):
-                x = left + d
+            runs = 0
+            dx = 0
+            while dx < size:  # the patch's columns → runs of box columns
+                x = left + dx
                 if periodic:
                     x = x % out_w
-                x -= box_c0
-                ox[d] = x if 0 <= x < box_w else -1
+                length = size - dx
+                if periodic:
+                    length = min(length, out_w - x)
+                start, stop = max(x, box_c0), min(x + length, box_c0 + box_w)
+                if stop > start:
+                    seg_dx[runs] = dx + start - x
+                    seg_ox[runs] = start - box_c0
+                    seg_n[runs] = stop - start
+                    runs += 1
+                dx += length
+            if runs == 0:
+                continue
             for dy in range(size):
-                if oy[dy] < 0:
+                y = top + dy
+                if periodic:
+                    y = y % out_h
+                oy = y - box_r0
+                if oy < 0 or oy >= box_h:
                     continue
-                for dx in range(size):
-                    if ox[dx] >= 0:
-                        coverage[oy[dy], ox[dx]] += window[dy] * window[dx]
-            for j in range(positions.shape[2]):
-                w = weights[a, b, j]
-                c = positions[a, b, j]
-                if c < 0 or w < 1e-8:  # below float32 round-off of the weights' sum
-                    continue
-                ref_top = factor * (c // ref_grid_w)
-                ref_left = factor * (c % ref_grid_w)
-                for dy in range(size):
-                    if oy[dy] < 0:
+                wy = window[dy]
+                cover = coverage[oy]
+                for r in range(runs):
+                    wins = window[seg_dx[r] : seg_dx[r] + seg_n[r]]
+                    cov = cover[seg_ox[r] : seg_ox[r] + seg_n[r]]
+                    for i in range(seg_n[r]):
+                        cov[i] += wy * wins[i]
+                for j in range(positions.shape[2]):
+                    w = weights[a, b, j]
+                    c = positions[a, b, j]
+                    if c < 0 or w < 1e-8:  # below float32 round-off of the weights' sum
                         continue
-                    ry = min(ref_top + dy, ref_h - 1)  # a partial last block: edge pixels
-                    wy = w * window[dy]
-                    for dx in range(size):
-                        if ox[dx] < 0:
-                            continue
-                        rx = min(ref_left + dx, ref_w - 1)
-                        wyx = wy * window[dx]
-                        for ch in range(channels):
-                            out[oy[dy], ox[dx], ch] += wyx * reference[ry, rx, ch]
+                    ry = factor * (c // ref_grid_w) + dy
+                    rx0 = factor * (c % ref_grid_w)
+                    ref_row = reference[ry]
+                    out_row = out[oy]
+                    wwy = w * wy
+                    for r in range(runs):
+                        n = seg_n[r]
+                        src = ref_row[(rx0 + seg_dx[r]) * channels : (rx0 + seg_dx[r] + n) * channels]
+                        dst = out_row[seg_ox[r] * channels : (seg_ox[r] + n) * channels]
+                        wins = window[seg_dx[r] : seg_dx[r] + n]
+                        for i in range(n):
+                            wx = wwy * wins[i]
+                            for ch in range(channels):
+                                dst[i * channels + ch] += wx * src[i * channels + ch]
 
 
 if numba is not None:
@@ -102,8 +120,18 @@ def query_span(box: tuple[int, int], factor: int, patch_size: int, grid: int, *,
     return max(0, first), min(grid, last)
 
 
+def pad_reference(reference: np.ndarray, factor: int) -> np.ndarray:
+    """The finest pixel level (C, H, W) as the fold reads it: (H', W', C) float32, padded with edge
+    pixels to whole cells (as a partial last block encodes), so every matched patch lies inside.
+    Make it once per reference and pass it to :func:`fold_matches` for every box."""
+    _, height, width = reference.shape
+    rows = np.minimum(np.arange(-(-height // factor) * factor), height - 1)
+    cols = np.minimum(np.arange(-(-width // factor) * factor), width - 1)
+    return np.ascontiguousarray(reference[:, rows][:, :, cols].transpose(1, 2, 0), dtype=np.float32)
+
+
 def fold_matches(
-    reference: np.ndarray,
+    padded_reference: np.ndarray,
     positions: np.ndarray,
     weights: np.ndarray,
     *,
@@ -118,22 +146,23 @@ def fold_matches(
 ) -> np.ndarray:
     """The (C, h, w) pixels of ``box`` from the matches of the queries touching it.
 
-    ``reference`` (C, Hr, Wr) float32, the finest pixel level; ``positions`` (n_r, n_c, k) int64
-    reference latent patch indices (row · ``ref_grid_w`` + col, −1 = none) of the queries starting
-    at global latent patch ``query_origin``, ``weights`` their weights; ``out_shape`` the pixel
-    canvas (f × the latent grid) a periodic output wraps on. Pixels no query touches stay 0.
+    ``padded_reference`` is :func:`pad_reference` of the finest pixel level; ``positions``
+    (n_r, n_c, k) int64 reference latent patch indices (row · ``ref_grid_w`` + col, −1 = none) of
+    the queries starting at global latent patch ``query_origin``, ``weights`` their weights;
+    ``out_shape`` the pixel canvas (f × the latent grid) a periodic output wraps on. Pixels no
+    query touches stay 0.
     """
     window = window_profile(factor * patch_size, rho).numpy()
     r0, c0, r1, c1 = box
-    channels = reference.shape[0]
-    out = np.zeros((r1 - r0, c1 - c0, channels), dtype=np.float64)
+    channels = padded_reference.shape[2]
+    out = np.zeros((r1 - r0, (c1 - c0) * channels), dtype=np.float64)
     coverage = np.zeros((r1 - r0, c1 - c0), dtype=np.float64)
     _fold_matches(
-        np.ascontiguousarray(reference.transpose(1, 2, 0), dtype=np.float32),
+        padded_reference.reshape(padded_reference.shape[0], -1),
         np.ascontiguousarray(positions, dtype=np.int64),
         np.ascontiguousarray(weights, dtype=np.float32),
         int(ref_grid_w), int(factor), window, int(query_origin[0]), int(query_origin[1]),
         int(r0), int(c0), out, coverage, int(out_shape[0]), int(out_shape[1]), bool(periodic),
     )
-    out /= np.maximum(coverage, 1e-300)[:, :, None]
+    out = out.reshape(r1 - r0, c1 - c0, channels) / np.maximum(coverage, 1e-300)[:, :, None]
     return out.transpose(2, 0, 1).astype(np.float32)

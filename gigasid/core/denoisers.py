@@ -168,6 +168,22 @@ class KnnDenoiser:
             out[start : start + self.chunk] = torch.nan_to_num(self._weights(q, cand, patches, alpha, scale))
         return out
 
+    def image_weights(self, source, candidates, alpha, sigma, grid_h, grid_w) -> torch.Tensor | None:
+        """:meth:`weights` of every patch of ``source`` by the compiled CPU path, or None where it
+        does not apply (the caller then unfolds and calls :meth:`weights`)."""
+        if not self.compiled or source.device.type != "cpu":
+            return None
+        kernel = self._compiled()
+        found = kernel.weights(source.numpy(), candidates.contiguous().numpy(), alpha, sigma, grid_h, grid_w)
+        return torch.from_numpy(found)
+
+    def _compiled(self):
+        if self._kernel is None:
+            self._kernel = knn_fold.CompiledKnnFold(
+                self.reference.numpy(), self.sq_norms.numpy(), self.mean.numpy(), self.patch_size
+            )
+        return self._kernel
+
     def fold_image(self, source, candidates, alpha, sigma, window, canvas, grid_h, grid_w) -> bool:
         """Denoise every patch of ``source`` and fold it into ``canvas`` in one compiled pass.
 
@@ -176,11 +192,7 @@ class KnnDenoiser:
         """
         if not self.compiled or source.device.type != "cpu":
             return False
-        if self._kernel is None:
-            self._kernel = knn_fold.CompiledKnnFold(
-                self.reference.numpy(), self.sq_norms.numpy(), self.mean.numpy(), self.patch_size
-            )
-        self._kernel(
+        self._compiled()(
             source.numpy(),
             None if candidates is None else candidates.contiguous().numpy(),
             window.to(torch.float32).numpy(),

@@ -169,6 +169,11 @@ class ImageDenoiser:
             x_t, alpha, periodic=self.periodic, step=step, origin=origin or (0, 0), global_grid=global_grid,
             crop=origin is not None,
         )
+        k = candidates.shape[1]
+        compiled = getattr(self.patch_denoiser, "image_weights", None)
+        weights = None if compiled is None else compiled(source, candidates, alpha, sigma, grid_h, grid_w)
+        if weights is not None:
+            return candidates.reshape(grid_h, grid_w, k), weights.reshape(grid_h, grid_w, k)
         weights = torch.empty(candidates.shape, dtype=torch.float32)
         band = max(1, self.band_queries // grid_w)
         for row0 in range(0, grid_h, band):
@@ -176,5 +181,4 @@ class ImageDenoiser:
             first, last = row0 * grid_w, row1 * grid_w
             queries = unfold_rows(source, size, row0, row1)
             weights[first:last] = self.patch_denoiser.weights(queries, alpha, sigma, candidates[first:last])
-        k = candidates.shape[1]
         return candidates.reshape(grid_h, grid_w, k), weights.reshape(grid_h, grid_w, k)

@@ -113,6 +113,42 @@ if numba is not None:
                         o_row[i] += w_row[i] * p_row[i]
 
 
+    @numba.njit(cache=True, fastmath={"reassoc", "contract"}, boundscheck=False)
+    def _weights_rows(source, src_w, reference, ref_w, ref_sq, candidates, size, channels, alpha, sigma,
+                      grid_w, out):
+        """The softmax weights of every query's candidates (what the fold averages with): the
+        same dot products, in the same order, as :func:`_fold_rows`."""
+        run = size * channels
+        grid_w_ref = ref_w // channels - size + 1
+        k = candidates.shape[1]
+        scale = 1.0 / (2.0 * sigma * sigma)
+        logits = np.empty(k, dtype=np.float64)
+        for query in range(candidates.shape[0]):
+            row, col = query // grid_w, query % grid_w
+            x0 = row * src_w + col * channels
+            best = -np.inf
+            for j in range(k):
+                c = candidates[query, j]
+                if c < 0:
+                    logits[j] = -np.inf
+                    continue
+                top = c // grid_w_ref
+                y0 = top * ref_w + (c - top * grid_w_ref) * channels
+                dot = np.float32(0.0)
+                for dy in range(size):
+                    x_row = source[x0 + dy * src_w : x0 + dy * src_w + run]
+                    y_row = reference[y0 + dy * ref_w : y0 + dy * ref_w + run]
+                    for i in range(run):
+                        dot += x_row[i] * y_row[i]
+                logits[j] = -(alpha * alpha * ref_sq[c] - 2.0 * alpha * dot) * scale
+                best = max(best, logits[j])
+            total = 0.0
+            for j in range(k):
+                logits[j] = 0.0 if logits[j] == -np.inf else math.exp(logits[j] - best)
+                total += logits[j]
+            for j in range(k):
+                out[query, j] = np.float32(logits[j] / total) if total > 0.0 else np.float32(0.0)
+
     @numba.njit(cache=True)
     def _merge(canvas, buffers, bounds, size):
         """Pieces overlap by P-1 rows: add them in a fixed order, so the result is deterministic."""
@@ -181,3 +217,16 @@ class CompiledKnnFold:
             bounds, buffers,
         )
         canvas += canvas_hwc.reshape(height, width, channels).transpose(2, 0, 1)
+
+    def weights(self, source, candidates, alpha, sigma, grid_h, grid_w) -> np.ndarray:
+        """(grid_h·grid_w, k) float32 softmax weights of ``candidates`` for the patches of
+        ``source`` (C, H', W'), computed as the fold computes them."""
+        channels = self.channels
+        source_hwc = np.ascontiguousarray(source.transpose(1, 2, 0))
+        width = source.shape[2]
+        out = np.zeros(candidates.shape, dtype=np.float32)
+        _weights_rows(
+            source_hwc.reshape(-1), width * channels, self.reference.reshape(-1), self.row_len, self.ref_sq,
+            candidates, self.patch_size, channels, float(alpha), float(sigma), grid_w, out,
+        )
+        return out

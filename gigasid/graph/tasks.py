@@ -138,8 +138,12 @@ def store_codec(path: str):
 
 @lru_cache(maxsize=4)
 def finest_reference(path: str):
-    """The reference's finest pixels, read once per worker (the correspondence decode's source)."""
-    return open_store(path).array("reference/0")[...]
+    """The reference's finest pixels, read and padded once per worker (the correspondence
+    decode's source)."""
+    from gigasid.codecs.correspondence import pad_reference
+
+    store = open_store(path)
+    return pad_reference(store.array("reference/0")[...], store.manifest["factor"])
 
 
 def _correspondence_tile(store: JobStore, box: Box):

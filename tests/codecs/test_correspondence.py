@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gigasid.codecs.correspondence import fold_matches, query_span
+from gigasid.codecs.correspondence import fold_matches, pad_reference, query_span
 from gigasid.core.patches import window_profile
 
 FACTOR, PATCH, RHO = 4, 3, 0.3
@@ -66,7 +66,7 @@ def test_fold_equals_the_definition(periodic, box):
     positions, weights = _matches(grid, ref_grid)
     expect = _direct(reference, positions, weights, ref_grid[1], (0, 0), box, (40, 48), periodic)
     got = fold_matches(
-        reference, positions, weights, ref_grid_w=ref_grid[1], factor=FACTOR, patch_size=PATCH, rho=RHO,
+        pad_reference(reference, FACTOR), positions, weights, ref_grid_w=ref_grid[1], factor=FACTOR, patch_size=PATCH, rho=RHO,
         query_origin=(0, 0), box=box, out_shape=(40, 48), periodic=periodic,
     )
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
@@ -82,12 +82,12 @@ def test_a_box_from_its_query_span_equals_the_whole(periodic):
     positions, weights = _matches(grid, ref_grid, seed=3)
     options = dict(ref_grid_w=ref_grid[1], factor=FACTOR, patch_size=PATCH, rho=RHO, out_shape=(40, 48),
                    periodic=periodic)
-    whole = fold_matches(reference, positions, weights, query_origin=(0, 0), box=(0, 0, 40, 48), **options)
+    whole = fold_matches(pad_reference(reference, FACTOR), positions, weights, query_origin=(0, 0), box=(0, 0, 40, 48), **options)
     box = (13, 21, 27, 40)
     r0, r1 = query_span((13, 27), FACTOR, PATCH, grid[0], periodic=periodic)
     c0, c1 = query_span((21, 40), FACTOR, PATCH, grid[1], periodic=periodic)
     rows, cols = np.arange(r0, r1) % grid[0], np.arange(c0, c1) % grid[1]
-    part = fold_matches(reference, positions[np.ix_(rows, cols)], weights[np.ix_(rows, cols)],
+    part = fold_matches(pad_reference(reference, FACTOR), positions[np.ix_(rows, cols)], weights[np.ix_(rows, cols)],
                         query_origin=(r0, c0), box=box, **options)
     np.testing.assert_allclose(part, whole[:, 13:27, 21:40], rtol=1e-6, atol=1e-7)
 
@@ -101,7 +101,7 @@ def test_matching_its_own_positions_returns_the_reference():
     positions = (rows * grid[1] + cols)[:, :, None]
     weights = np.ones(positions.shape, dtype=np.float32)
     got = fold_matches(
-        reference, positions, weights, ref_grid_w=grid[1], factor=FACTOR, patch_size=PATCH, rho=RHO,
+        pad_reference(reference, FACTOR), positions, weights, ref_grid_w=grid[1], factor=FACTOR, patch_size=PATCH, rho=RHO,
         query_origin=(0, 0), box=(0, 0, 48, 64), out_shape=(48, 64),
     )
     np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6)

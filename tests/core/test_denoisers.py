@@ -226,3 +226,25 @@ def test_compiled_knn_fold_equals_the_torch_path(periodic: bool, alpha: float, s
     # float32 sums in another order: differences of float round-off, amplified by 1/sigma² in
     # the weights at small sigma
     torch.testing.assert_close(results[0], results[1], atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.05])
+def test_matches_weights_compiled_equal_torch(sigma):
+    """ImageDenoiser.matches: the compiled weights are the torch path's (float32 round-off), they
+    sum to 1, and the candidates are the ones the denoiser averages."""
+    from gigasid.core.denoisers import KnnDenoiser
+    from gigasid.core.image_denoiser import ImageDenoiser
+    from gigasid.index.candidates import ReferenceCandidates
+
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(4, 30, 40, generator=generator)
+    x = torch.randn(4, 25, 33, generator=generator)
+    source = ReferenceCandidates(reference, 5, k=4, index="exact")
+    compiled = ImageDenoiser(KnnDenoiser(reference, 5), patch_size=5, rho=0.2, candidate_source=source)
+    plain = ImageDenoiser(KnnDenoiser(reference, 5, compiled=False), patch_size=5, rho=0.2, candidate_source=source)
+    positions, weights = compiled.matches(x, 0.7, sigma)
+    positions_torch, weights_torch = plain.matches(x, 0.7, sigma)
+    assert positions.shape == (21, 29, 4)
+    assert torch.equal(positions, positions_torch)
+    torch.testing.assert_close(weights, weights_torch, rtol=0, atol=1e-4)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(21, 29), rtol=0, atol=1e-5)
