@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--samples", type=int, default=1, help="samples per input (seeds seed, seed+1, ...)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a preset setting, e.g. --set index.k=10 --set eta=1")
-    gen.add_argument("--tile", type=int, help="run out of core through the tiled engine with this tile size (px)")
+    gen.add_argument("--tile", type=int, help="run out of core through the tiled engine with this tile size "
+                     "(px; latent cells of 8 px in a latent job; default 1024 px or 512 cells)")
     gen.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
     gen.add_argument("--export", action="append", default=[], type=Path, metavar="OUT",
                      help="after a .zarr job finishes, export it to OUT (as `gigasid export`, default options); repeatable")
@@ -92,6 +93,13 @@ def _outputs_for(inputs: list[Path], output: Path, samples: int, folder_input: b
 # outputs above this many pixels run through the tiled engine even without --tile
 TILED_ABOVE_PIXELS = 16_000_000
 DEFAULT_TILE = 1024
+# latent jobs tile in latent cells (8 px each): 512 cells = 4096 px, so a 8192² output still has
+# several tiles per stage to spread over the workers
+DEFAULT_LATENT_TILE = 512
+
+
+def default_tile(config) -> int:
+    return DEFAULT_TILE if config.latent.codec == "pixel" else DEFAULT_LATENT_TILE
 
 
 def generate_command(args: argparse.Namespace) -> None:
@@ -166,7 +174,7 @@ def _generate_store(args, config, size) -> None:
 
     load_profile(args.scheduler)  # a bad profile fails before any work
     store = engine.create_job(
-        args.output, args.input, config, size=size, seed=args.seed, tile=args.tile or DEFAULT_TILE, source=str(args.input)
+        args.output, args.input, config, size=size, seed=args.seed, tile=args.tile or default_tile(config), source=str(args.input)
     )
     print(f"{args.input} -> {args.output} (pipeline: {config.application}, seed {args.seed})")
     _run_store(store, args.scheduler)
@@ -185,7 +193,7 @@ def _tiled_to_image(args, config, size, image, seed, out_path, source) -> None:
     with tempfile.TemporaryDirectory(dir=parent, prefix=".gigasid-") as scratch:
         store = engine.create_job(
             Path(scratch) / "job.zarr", image, config, size=size, seed=seed,
-            tile=args.tile or DEFAULT_TILE, source=str(source),
+            tile=args.tile or default_tile(config), source=str(source),
         )
         print(f"{source} -> {out_path} (pipeline: {config.application}, seed {seed}, tiled)")
         _run_store(store, args.scheduler)
@@ -248,6 +256,12 @@ def info_command(args: argparse.Namespace) -> None:
           f"tile {manifest['tile']}, halo {manifest['halo']}")
     print(f"  application {config['application']}, backend {config['denoiser']['backend']}, "
           f"T={config['num_steps']}, eta={config['eta']}, P={config['patch_size']}, rho={config['rho']}")
+    if config.get("latent", {}).get("codec", "pixel") != "pixel":
+        latent = config["latent"]
+        print(f"  latent space {latent['codec']} ({manifest['channels']} channels, {manifest['factor']} px per cell), "
+              f"decode {latent['decode']}")
+    for stage, seconds in manifest.get("setup_timings", {}).items():
+        print(f"  setup {stage}: {seconds:.1f} s")
     timings = manifest.get("timings", {})
     compute = manifest.get("compute_seconds", {})
     for scale in reversed(range(len(manifest["output_shapes"]))):
@@ -258,7 +272,8 @@ def info_command(args: argparse.Namespace) -> None:
         if str(scale) in compute:
             took += f", {compute[str(scale)]:.1f} s computing in tasks"
         print(f"  scale {scale}: {height}x{width} {state}{took}")
-    print(f"  output: {'written' if manifest['output_done'] else 'pending'}")
+    took = f", {timings['output']:.1f} s" if "output" in timings else ""
+    print(f"  output: {'written' if manifest['output_done'] else 'pending'}{took}")
     pyramid = manifest.get("output_pyramid")
     if pyramid:  # built by the first export or `gigasid view`
         print(f"  output pyramid: {pyramid['levels_done']} of {len(pyramid['shapes'])} reduced levels built")

@@ -159,9 +159,11 @@ class ReferenceCandidates:
             f = self.features
             features = {"basis": f.basis, "offset": f.offset, "mean_filter": f.mean_filter, "mean_sq": f.mean_sq,
                         "patch_size": f.patch_size, "channels": f.channels, "dims": f.dims, "mean": f.mean}
+        # the vectors themselves live in the index: workers never need them (a 300-MP reference's
+        # would be ~600 MB per worker)
         state = {"patch_size": self.patch_size, "k": self.k, "coherence": self.coherence,
                  "search_stride": self.search_stride, "ref_grid": self.ref_grid, "features": features,
-                 "vectors": self.vectors, "kind": self.kind, "nprobe": self.nprobe}
+                 "kind": self.kind, "nprobe": self.nprobe}
         torch.save(state, directory / self._STATE)
         self.index.save(str(directory / self._INDEX))
 
@@ -173,7 +175,8 @@ class ReferenceCandidates:
         self = cls.__new__(cls)
         self.patch_size, self.k, self.coherence = state["patch_size"], state["k"], state["coherence"]
         self.search_stride, self.ref_grid = state["search_stride"], tuple(state["ref_grid"])
-        self.kind, self.nprobe, self.vectors = state["kind"], state["nprobe"], state["vectors"]
+        self.kind, self.nprobe = state["kind"], state["nprobe"]
+        self.vectors = None  # not saved: only the coherence pools (in memory only) re-rank with them
         self.features = None
         if state["features"] is not None:
             self.features = PatchFeatures.__new__(PatchFeatures)

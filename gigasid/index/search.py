@@ -19,6 +19,7 @@ IndexKind = Literal["exact", "flat", "ivf", "ivfpq"]
 # ``auto``: exact search while it is cheap, IVF up to where its flat lists stop fitting a worker's
 # cache comfortably, IVF-PQ beyond (its codes are 8x smaller than float32 vectors)
 AUTO_EXACT_BELOW = 20_000
+ADD_CHUNK = 262_144  # vectors added to a FAISS index at a time
 AUTO_PQ_FROM = 2_000_000
 
 
@@ -100,9 +101,14 @@ class FaissIndex:
             else:
                 raise ValueError(f"unknown index kind {kind!r}; valid: exact, flat, ivf, ivfpq")
             index.cp.seed = seed
-            index.train(data)
+            # train on a sample (k-means cost grows with it; ~64 points per list is plenty), then
+            # add every vector in chunks: the build's extra memory stays bounded
+            sample = min(count, max(64 * nlist, 65536))
+            picks = np.random.default_rng(seed).choice(count, size=sample, replace=False) if sample < count else None
+            index.train(data if picks is None else data[np.sort(picks)])
             index.nprobe = min(nprobe, nlist)
-        index.add(data)
+        for start in range(0, count, ADD_CHUNK):
+            index.add(data[start : start + ADD_CHUNK])
         self.index = index
         self._quantizer = index if kind == "flat" else quantizer  # keep the quantizer alive
 
