@@ -101,7 +101,7 @@ def _fold_matches(reference, positions, weights, ref_grid_w, factor, window, que
 
 
 if numba is not None:
-    _fold_matches = numba.njit(cache=True, boundscheck=False)(_fold_matches)
+    _fold_matches = numba.njit(nogil=True, cache=True, boundscheck=False)(_fold_matches)
 
 
 def query_span(box: tuple[int, int], factor: int, patch_size: int, grid: int, *, periodic: bool) -> tuple[int, int]:

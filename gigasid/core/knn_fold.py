@@ -31,7 +31,7 @@ def available() -> bool:
 
 if numba is not None:
 
-    @numba.njit(cache=True, fastmath={"reassoc", "contract"}, boundscheck=False)
+    @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False)
     def _fold_rows(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
                    row0, row1, grid_w, out, out_w):
         """Denoise and fold query rows [row0, row1) into ``out`` (rows row0.. of the canvas).
@@ -113,7 +113,7 @@ if numba is not None:
                         o_row[i] += w_row[i] * p_row[i]
 
 
-    @numba.njit(cache=True, fastmath={"reassoc", "contract"}, boundscheck=False)
+    @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False)
     def _weights_rows(source, src_w, reference, ref_w, ref_sq, candidates, size, channels, alpha, sigma,
                       grid_w, out):
         """The softmax weights of every query's candidates (what the fold averages with): the
@@ -149,7 +149,7 @@ if numba is not None:
             for j in range(k):
                 out[query, j] = np.float32(logits[j] / total) if total > 0.0 else np.float32(0.0)
 
-    @numba.njit(cache=True)
+    @numba.njit(nogil=True, cache=True)
     def _merge(canvas, buffers, bounds, size):
         """Pieces overlap by P-1 rows: add them in a fixed order, so the result is deterministic."""
         height, row_len = canvas.shape
@@ -158,7 +158,7 @@ if numba is not None:
             rows = min(bounds[piece + 1] - start + size - 1, height - start)
             canvas[start : start + rows] += buffers[piece, : rows * row_len].reshape((rows, row_len))
 
-    @numba.njit(parallel=True, cache=True)
+    @numba.njit(nogil=True, parallel=True, cache=True)
     def _fold_parallel(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
                        grid_h, grid_w, canvas, bounds, buffers):
         for piece in numba.prange(len(bounds) - 1):
@@ -166,7 +166,7 @@ if numba is not None:
                        bounds[piece], bounds[piece + 1], grid_w, buffers[piece], canvas.shape[1])
         _merge(canvas, buffers, bounds, window.shape[0])
 
-    @numba.njit(cache=True)
+    @numba.njit(nogil=True, cache=True)
     def _fold_serial(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
                      grid_h, grid_w, canvas, bounds, buffers):
         # the same pieces in the same order as _fold_parallel: the same sums, bit for bit

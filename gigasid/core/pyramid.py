@@ -236,7 +236,7 @@ def laplacian_blend(fine: torch.Tensor, coarser: torch.Tensor, *, periodic: bool
 if numba is not None:
 
     # no fastmath: a fused multiply-add in one twin and not the other would change the bits
-    @numba.njit(cache=True, boundscheck=False)
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
     def _taps_row(source, local, weights, out, b, i):
         row = out[b, i]
         first = source[b, local[i, 0]]
@@ -249,13 +249,13 @@ if numba is not None:
             for j in range(row.shape[0]):
                 row[j] += src[j] * w
 
-    @numba.njit(parallel=True, cache=True)
+    @numba.njit(nogil=True, parallel=True, cache=True)
     def _taps_parallel(source, local, weights, out):
         rows = out.shape[1]
         for n in numba.prange(out.shape[0] * rows):
             _taps_row(source, local, weights, out, n // rows, n % rows)
 
-    @numba.njit(cache=True)
+    @numba.njit(nogil=True, cache=True)
     def _taps_serial(source, local, weights, out):
         rows = out.shape[1]
         for n in range(out.shape[0] * rows):

@@ -344,7 +344,7 @@ except ImportError:  # pragma: no cover
 
 if numba is not None:
 
-    @numba.njit(cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
     def _project_one(image, r, c, basis_t, offset, size, patch, out_row):
         """One patch's components: the patch gathered in (C, P, P) order, then one dot product
         per component, each summed in an order fixed by the patch length alone (so a tile's crop
@@ -361,14 +361,14 @@ if numba is not None:
                 total += patch[j] * basis_t[d, j]
             out_row[d] = total - offset[d]
 
-    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    @numba.njit(nogil=True, parallel=True, cache=True, boundscheck=False)
     def _project_rows(image, rows, cols, basis, offset, size, out):
         for a in numba.prange(len(rows)):
             patch = np.empty(basis.shape[1], dtype=np.float32)
             for b in range(len(cols)):
                 _project_one(image, rows[a], cols[b], basis, offset, size, patch, out[a * len(cols) + b])
 
-    @numba.njit(cache=True, boundscheck=False)
+    @numba.njit(nogil=True, cache=True, boundscheck=False)
     def _project_rows_serial(image, rows, cols, basis, offset, size, out):
         patch = np.empty(basis.shape[1], dtype=np.float32)
         for a in range(len(rows)):
