@@ -20,6 +20,8 @@ IndexKind = Literal["exact", "flat", "ivf", "ivfpq"]
 # cache comfortably, IVF-PQ beyond (its codes are 8x smaller than float32 vectors)
 AUTO_EXACT_BELOW = 20_000
 ADD_CHUNK = 262_144  # vectors added to a FAISS index at a time
+TRAIN_PER_LIST = 64  # IVF training sample: this many vectors per list ...
+TRAIN_MIN = 65_536  # ... and at least this many
 AUTO_PQ_FROM = 2_000_000
 
 
@@ -103,7 +105,7 @@ class FaissIndex:
             index.cp.seed = seed
             # train on a sample (k-means cost grows with it; ~64 points per list is plenty), then
             # add every vector in chunks: the build's extra memory stays bounded
-            sample = min(count, max(64 * nlist, 65536))
+            sample = min(count, max(TRAIN_PER_LIST * nlist, TRAIN_MIN))
             picks = np.random.default_rng(seed).choice(count, size=sample, replace=False) if sample < count else None
             index.train(data if picks is None else data[np.sort(picks)])
             index.nprobe = min(nprobe, nlist)

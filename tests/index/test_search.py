@@ -221,3 +221,32 @@ def test_strided_search_candidates(stride: int) -> None:
     # k candidates per query means k distinct patches: a repeated one would count twice in the
     # knn denoiser's softmax
     _assert_distinct(found)
+
+
+def test_auto_kind_picks_by_size():
+    from gigasid.index.search import AUTO_EXACT_BELOW, AUTO_PQ_FROM, auto_kind, auto_thresholds
+
+    assert auto_kind(100) == "flat"
+    assert auto_kind(AUTO_EXACT_BELOW) == "ivf"
+    assert auto_kind(AUTO_PQ_FROM - 1) == "ivf"
+    assert auto_kind(AUTO_PQ_FROM) == "ivfpq"
+    assert f"{AUTO_PQ_FROM:,}" in auto_thresholds()
+
+
+def test_ivf_trained_on_a_sample_finds_what_a_full_training_finds(monkeypatch):
+    """Training on a sample and adding in chunks (bounded build memory) keeps recall."""
+    import gigasid.index.search as search
+
+    monkeypatch.setattr(search, "TRAIN_MIN", 1000)  # train on 200·20 = 4000 of the 40000
+    monkeypatch.setattr(search, "TRAIN_PER_LIST", 20)
+    monkeypatch.setattr(search, "ADD_CHUNK", 7000)  # six adds, the last one partial
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(64, 16, generator=generator) * 4
+    data = centres[torch.randint(0, 64, (40_000,), generator=generator)] + torch.randn(40_000, 16, generator=generator)
+    queries = data[:500] + 0.05 * torch.randn(500, 16, generator=generator)
+    exact = search.build_index(data, "flat").search(queries, 5)
+    index = search.build_index(data, "ivf", nlist=200, nprobe=8)
+    found = index.search(queries, 5)
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact)) / exact.numel()
+    assert recall > 0.9
+    assert index.index.ntotal == 40_000
