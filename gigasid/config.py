@@ -112,6 +112,8 @@ class JobConfig:
                 f"min_short_side={self.min_short_side} is smaller than patch_size={self.patch_size}: "
                 "the coarsest scale must hold at least one patch"
             )
+        if self.latent.codec != "pixel" and self.application == "symmetric":
+            raise ConfigError("the symmetric application runs in pixel space: set latent.codec=pixel")
         if self.latent.codec == "vae" and not self.latent.vae_path:
             raise ConfigError("latent.codec=vae needs latent.vae_path: a diffusers VAE directory or cached repo id")
         if self.latent.decode == "correspondence" and self.latent.codec != "pixel" and self.denoiser.backend != "knn":

@@ -145,8 +145,6 @@ def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | N
     by ``config.output_scale``.
     """
     channels, height, width = image.shape
-    if config.latent.codec != "pixel" and config.application == "symmetric":
-        raise InputError("the symmetric application runs in pixel space: set latent.codec=pixel")
     pixel_levels = reference_pyramid(image, config)
     pixel_shapes = [tuple(level.shape[-2:]) for level in pixel_levels]
     codec = build_codec(

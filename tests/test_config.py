@@ -238,3 +238,19 @@ def test_config_dataclasses_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.eta = 1.0  # type: ignore[misc]
     assert IndexConfig().kind == "ivf"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["latent.codec=pca", "application=symmetric"], "pixel space"),
+        (["latent.codec=vae"], "latent.vae_path"),
+        (["latent.codec=pca", "denoiser.backend=exact"], "latent.decode=codec"),
+        (["latent.channels=0"], "latent.channels"),
+        (["latent.codec=jpeg"], "latent.codec"),
+        (["index.kind=hnsw"], "index.kind"),
+    ],
+)
+def test_latent_settings_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline("uncond", overrides)
