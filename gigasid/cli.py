@@ -209,7 +209,7 @@ def _export(store: Path, output: Path, options=None) -> None:
     report = export(store, output, options or ExportOptions(), log=progress)
     first, last = report.resolutions[0], report.resolutions[-1]
     sizes = f"{first[0]}x{first[1]}" + (f" down to {last[0]}x{last[1]}" if len(report.resolutions) > 1 else "")
-    built = f", output pyramid built in {report.pyramid_seconds:.1f} s" if report.pyramid_seconds >= 0.05 else ""
+    built = f", output pyramid built in {report.pyramid_seconds:.1f} s" if report.pyramid_seconds > 0 else ""
     print(f"{store} -> {output}: {report.format}, {len(report.resolutions)} resolution(s) {sizes} "
           f"in {report.seconds:.1f} s{built}")
 

@@ -50,7 +50,7 @@ class ExportReport:
     path: Path
     format: str
     resolutions: list[tuple[int, int]]  # (rows, cols) of each resolution written, largest first
-    pyramid_seconds: float  # building the store's output pyramid (about 0 when it was there)
+    pyramid_seconds: float  # building the store's output pyramid (0 when it was there)
     seconds: float  # writing the export
 
 
@@ -96,8 +96,15 @@ def export(
     store = open_finished_store(store_path)
     exporter.check_image(tuple(store.array("output").shape), settings)
     started = time.perf_counter()
-    levels = ensure_output_pyramid(store, progress=lambda level, count: log(f"output pyramid: level {level}/{count} built"))
-    pyramid_seconds = time.perf_counter() - started
+    built = []
+
+    def level_built(level: int, count: int) -> None:
+        built.append(level)
+        log(f"output pyramid: level {level}/{count} built")
+
+    levels = ensure_output_pyramid(store, progress=level_built)
+    # 0 when the pyramid was already there (not a timing: a loaded machine must not make it look built)
+    pyramid_seconds = time.perf_counter() - started if built else 0.0
     started = time.perf_counter()
     resolutions = exporter.write(levels, output, settings, log)
     return ExportReport(output, exporter.name, resolutions, pyramid_seconds, time.perf_counter() - started)
