@@ -97,6 +97,25 @@ class ImageDenoiser:
                 window_columns(denoised, window, out=columns[:, start:stop])
             fold_columns(canvas, columns, row0, grid_w, size)
 
+    def _queries(self, x_t, alpha, step, origin, global_grid):
+        """(the float32 source, padded when periodic; its patch grid; the candidates or None):
+        what :meth:`__call__` and :meth:`matches` both start from."""
+        _, height, width = x_t.shape
+        size = self.patch_size
+        periodic = self.periodic and origin is None
+        if not periodic and (height < size or width < size):
+            raise ValueError(f"image {height}x{width} is smaller than the patch size {size}")
+        source = x_t.to(torch.float32).contiguous()
+        if periodic:
+            source = periodic_pad(source, size)
+        candidates = None
+        if self.patch_denoiser.needs_candidates and alpha > 0.0:
+            candidates = self.candidate_source(
+                x_t, alpha, periodic=self.periodic, step=step, origin=origin or (0, 0), global_grid=global_grid,
+                crop=origin is not None,
+            )
+        return source, grid_shape(height, width, size, periodic=periodic), candidates
+
     def __call__(
         self,
         x_t: torch.Tensor,
@@ -114,22 +133,10 @@ class ImageDenoiser:
         plain image (its edges are not the image's; the caller keeps only the part far enough
         inside), with candidates chosen by global position.
         """
-        channels, height, width = x_t.shape
-        size = self.patch_size
+        _, height, width = x_t.shape
         periodic = self.periodic and origin is None
-        if not periodic and (height < size or width < size):
-            raise ValueError(f"image {height}x{width} is smaller than the patch size {size}")
         window = self.window.to(device=x_t.device)
-        source = x_t.to(torch.float32).contiguous()
-        if periodic:
-            source = periodic_pad(source, size)
-        grid_h, grid_w = grid_shape(height, width, size, periodic=periodic)
-        candidates = None
-        if self.patch_denoiser.needs_candidates and alpha > 0.0:
-            candidates = self.candidate_source(
-                x_t, alpha, periodic=self.periodic, step=step, origin=origin or (0, 0), global_grid=global_grid,
-                crop=origin is not None,
-            )
+        source, (grid_h, grid_w), candidates = self._queries(x_t, alpha, step, origin, global_grid)
         # float64 canvas: each pixel's sum of patch contributions, and the periodic wrap, come
         # out the same whatever the crop (tile) or the thread split
         canvas = torch.zeros(source.shape, dtype=torch.float64, device=x_t.device)
@@ -158,17 +165,7 @@ class ImageDenoiser:
             raise ValueError("matches need a knn backend (dense backends weigh every patch)")
         if alpha <= 0.0:
             raise ValueError("at alpha = 0 every patch weighs the same: there are no matches")
-        _, height, width = x_t.shape
-        size = self.patch_size
-        periodic = self.periodic and origin is None
-        source = x_t.to(torch.float32).contiguous()
-        if periodic:
-            source = periodic_pad(source, size)
-        grid_h, grid_w = grid_shape(height, width, size, periodic=periodic)
-        candidates = self.candidate_source(
-            x_t, alpha, periodic=self.periodic, step=step, origin=origin or (0, 0), global_grid=global_grid,
-            crop=origin is not None,
-        )
+        source, (grid_h, grid_w), candidates = self._queries(x_t, alpha, step, origin, global_grid)
         k = candidates.shape[1]
         compiled = getattr(self.patch_denoiser, "image_weights", None)
         weights = None if compiled is None else compiled(source, candidates, alpha, sigma, grid_h, grid_w)
@@ -179,6 +176,6 @@ class ImageDenoiser:
         for row0 in range(0, grid_h, band):
             row1 = min(grid_h, row0 + band)
             first, last = row0 * grid_w, row1 * grid_w
-            queries = unfold_rows(source, size, row0, row1)
+            queries = unfold_rows(source, self.patch_size, row0, row1)
             weights[first:last] = self.patch_denoiser.weights(queries, alpha, sigma, candidates[first:last])
         return candidates.reshape(grid_h, grid_w, k), weights.reshape(grid_h, grid_w, k)
