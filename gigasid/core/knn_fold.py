@@ -31,6 +31,20 @@ def available() -> bool:
 
 if numba is not None:
 
+    @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False, inline="always")
+    def _logit(source, x0, src_w, reference, y0, ref_w, size, run, alpha, ref_sq, scale):
+        """-‖x - alpha y‖² / (2 sigma²) without ‖x‖² (constant over the candidates) for the
+        patches starting at flat offsets x0 (query) and y0 (candidate)."""
+        dot = np.float32(0.0)
+        for dy in range(size):
+            # slices, not flat index arithmetic: numba then vectorises the loop (measured 8x
+            # faster here)
+            x_row = source[x0 + dy * src_w : x0 + dy * src_w + run]
+            y_row = reference[y0 + dy * ref_w : y0 + dy * ref_w + run]
+            for i in range(run):
+                dot += x_row[i] * y_row[i]
+        return -(alpha * alpha * ref_sq - 2.0 * alpha * dot) * scale
+
     @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False)
     def _fold_rows(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
                    row0, row1, grid_w, out, out_w):
@@ -60,16 +74,8 @@ if numba is not None:
                         continue
                     top = c // grid_w_ref
                     y0 = top * ref_w + (c - top * grid_w_ref) * channels
-                    dot = np.float32(0.0)
-                    for dy in range(size):
-                        # slices, not flat index arithmetic: numba then vectorises the loop
-                        # (measured 8x faster here)
-                        x_row = source[x0 + dy * src_w : x0 + dy * src_w + run]
-                        y_row = reference[y0 + dy * ref_w : y0 + dy * ref_w + run]
-                        for i in range(run):
-                            dot += x_row[i] * y_row[i]
-                    # -‖x - alpha y‖² / (2 sigma²) without ‖x‖², constant over the candidates
-                    logits[count] = -(alpha * alpha * ref_sq[c] - 2.0 * alpha * dot) * scale
+                    logits[count] = _logit(source, x0, src_w, reference, y0, ref_w, size, run, alpha,
+                                           ref_sq[c], scale)
                     starts[count] = y0
                     count += 1
                 o0 = local * out_w + col * channels
@@ -134,13 +140,7 @@ if numba is not None:
                     continue
                 top = c // grid_w_ref
                 y0 = top * ref_w + (c - top * grid_w_ref) * channels
-                dot = np.float32(0.0)
-                for dy in range(size):
-                    x_row = source[x0 + dy * src_w : x0 + dy * src_w + run]
-                    y_row = reference[y0 + dy * ref_w : y0 + dy * ref_w + run]
-                    for i in range(run):
-                        dot += x_row[i] * y_row[i]
-                logits[j] = -(alpha * alpha * ref_sq[c] - 2.0 * alpha * dot) * scale
+                logits[j] = _logit(source, x0, src_w, reference, y0, ref_w, size, run, alpha, ref_sq[c], scale)
                 best = max(best, logits[j])
             total = 0.0
             for j in range(k):
