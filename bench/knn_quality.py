@@ -38,6 +38,9 @@ CONFIGS = {
     "ivf stride 2": dict(index="ivf", search_stride=2),
     "ivf stride 2 + both": dict(index="ivf", search_stride=2, coherence="both"),
     "ivf stride 3": dict(index="ivf", search_stride=3),
+    "ivf stride 2, 16 dims": dict(index="ivf", search_stride=2, search_dims=16),
+    "ivf stride 2, 24 dims": dict(index="ivf", search_stride=2, search_dims=24),
+    "ivf stride 2, nprobe 2": dict(index="ivf", search_stride=2, nprobe=2),
     "flat (pca)": dict(index="flat"),
 }
 
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--shape", default="93x124", help="reference scale HxW the image is resized to")
     parser.add_argument("--patch-size", type=int, default=15)
     parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these configs (names as printed)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "knn_quality.json"))
     args = parser.parse_args()
 
@@ -88,6 +92,8 @@ def main() -> None:
     rows = []
     knn = KnnDenoiser(reference, size)
     for name, options in CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
         source = _Timed(ReferenceCandidates(reference, size, k=args.k, **options))
         denoiser = ImageDenoiser(knn, patch_size=size, rho=0.2, candidate_source=source)
         errors, recalls = [], []

@@ -25,10 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def worker(image: str, backend: str, seed: int, out: str, overrides: list[str]) -> None:
     """One sample in this process; prints a JSON line with its costs."""
+    # gigasid first, as the CLI does: it chooses the OpenMP wait policy before torch loads
+    from gigasid import jobs  # noqa: I001
+
     import numpy as np
     import torch
 
-    from gigasid import jobs
     from gigasid.config import load_pipeline
     from gigasid.io.images import read_image
 

@@ -48,7 +48,7 @@ class IndexConfig:
     k: int = field(default=5, metadata=_range(1, 1024))
     #: dimensions searched: PCA components + 1 residual norm; 0 searches raw patches
     search_dims: int = field(default=32, metadata=_range(0, 4096))
-    #: IVF lists; null = 4·√N
+    #: IVF lists; null = 2·√N (balances the coarse search against the list scans at nprobe 4)
     nlist: int | None = field(default=None, metadata=_range(1, None))
     #: IVF lists probed per query
     nprobe: int = field(default=4, metadata=_range(1, 65536))

@@ -10,6 +10,7 @@ taps that fall outside are dropped and the rest renormalised; a periodic axis wr
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -134,6 +135,13 @@ def resample_taps(
     return indices, weights
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_taps(in_len: int, out_len: int, periodic: bool, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # a sampler resamples the same few shapes at every step (the blend): the taps are computed
+    # once (callers index into them, never write)
+    return resample_taps(in_len, out_len, periodic=periodic, out_range=(first, last))
+
+
 def resample_axis(
     image: torch.Tensor,
     axis: int,
@@ -158,7 +166,7 @@ def resample_axis(
         return image.narrow(axis, o0 - src_start, o1 - o0)
     wrapped = positions % out_len if periodic else positions
     first, last = int(wrapped.min()), int(wrapped.max()) + 1
-    indices, weights = resample_taps(in_len, out_len, periodic=periodic, out_range=(first, last))
+    indices, weights = _cached_taps(in_len, out_len, periodic, first, last)
     indices, weights = indices[wrapped - first], weights[wrapped - first]
     # where the held part starts; on a periodic axis a position and its wraps are the same value
     local = (indices - src_start) % in_len if periodic else indices - src_start
