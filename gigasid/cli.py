@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -103,23 +102,7 @@ def default_tile(config) -> int:
     return DEFAULT_TILE if config.latent.codec == "pixel" else DEFAULT_LATENT_TILE
 
 
-def _warm_up_in_background() -> None:
-    """Start loading numba's compiler (~0.8 s: import and CPU target) in a thread, so that it
-    overlaps the torch import instead of following it; the kernels load on first use anyway."""
-
-    def warm() -> None:
-        try:
-            from gigasid.core import knn_fold
-
-            knn_fold.warm_up()
-        except Exception:  # noqa: BLE001, S110 - only a head start: a real problem shows up on real use
-            pass
-
-    threading.Thread(target=warm, name="gigasid-warm-up", daemon=True).start()
-
-
 def generate_command(args: argparse.Namespace) -> None:
-    _warm_up_in_background()
     from gigasid.config import load_pipeline
     from gigasid.io.images import list_images, read_image, write_image
 

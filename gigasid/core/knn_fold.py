@@ -29,19 +29,6 @@ def available() -> bool:
     return numba is not None
 
 
-def warm_up() -> None:
-    """Load numba's CPU target and one cached kernel now (~0.5 s on first use in a process).
-
-    For a caller that can overlap it with other start-up work (the CLI does, in a thread, while
-    torch imports: this module needs only numpy and numba). Safe to call from any thread; it
-    runs a serial kernel only.
-    """
-    if numba is None:
-        return
-    canvas = np.zeros((1, 1), dtype=np.float64)
-    _merge(canvas, np.zeros((1, 1), dtype=np.float64), np.array([0, 1], dtype=np.int64), 1)
-
-
 if numba is not None:
 
     @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False, inline="always")
