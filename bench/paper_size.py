@@ -50,6 +50,29 @@ def worker(image: str, backend: str, seed: int, out: str, overrides: list[str]) 
     print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": rss_mb}))
 
 
+def machine_speed() -> dict:
+    """How fast this (shared, virtual) machine runs right now: a fixed pure-Python loop and a
+    2-thread fp32 / bf16 matmul. Timings taken while these are off their usual values (issue 2:
+    ~156 and ~322 GFLOP/s) are inflated by the host, not by gigasid."""
+    import torch
+
+    started = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    loop_ns = (time.perf_counter() - started) / 2_000_000 * 1e9
+    speeds = {"python_loop_ns": round(loop_ns, 1)}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(2048, 2048).to(dtype)
+        a @ a
+        started = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        seconds = (time.perf_counter() - started) / 5
+        speeds[f"{name}_matmul_gflops"] = round(2 * 2048**3 / seconds / 1e9, 1)
+    return speeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=str(ROOT / "examples" / "rocket.png"))
@@ -71,6 +94,7 @@ def main() -> None:
     from gigasid.metrics import patch_swd, pixel_diversity
 
     reference = read_image(args.image)
+    speed_before = machine_speed()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
@@ -114,8 +138,11 @@ def main() -> None:
         print(f"{row['backend']:<8} {row['wall_s']:>8.2f} {row['cpu_s']:>8.2f} {row['peak_rss_mb']:>12.0f} "
               f"{row['patch_swd']:>10.4f} {div:>10}")
     print(f"whole `gigasid generate` command ({first}), start-up included: {cli:.2f} s")
+    speed_after = machine_speed()
+    print(f"machine speed before / after: {speed_before} / {speed_after}")
     result = {"image": args.image, "overrides": args.overrides, "rows": rows, "cli_wall_s": cli,
-              "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
+              "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
+                          "speed_before": speed_before, "speed_after": speed_after}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
