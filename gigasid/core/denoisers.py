@@ -51,11 +51,15 @@ class PatchDenoiser(Protocol):
 
 
 class ExactDenoiser:
-    """Kernel regression over the full (N, D) dataset, ``chunk`` queries at a time."""
+    """Kernel regression over the full (N, D) dataset, ``chunk`` queries at a time.
+
+    The elementwise passes over each (chunk, N) block of logits are memory-bound: 256 queries
+    (41 MB of logits at N = 40 248) measured ~25 % faster per query than 1024 on this 2-core CPU.
+    """
 
     needs_candidates = False
 
-    def __init__(self, dataset: torch.Tensor, *, compute_dtype: torch.dtype = torch.bfloat16, chunk: int = 1024):
+    def __init__(self, dataset: torch.Tensor, *, compute_dtype: torch.dtype = torch.bfloat16, chunk: int = 256):
         accumulate = torch.float64 if compute_dtype == torch.float64 else torch.float32
         self.mean = dataset.to(accumulate).mean(0)
         centred = dataset.to(accumulate) - self.mean
@@ -86,12 +90,12 @@ class ExactDenoiser:
             rows.copy_(q @ self.centred_t).sub_(bias)
             # At small sigma most of a row lies ~100s below its max, where exp's result is
             # denormal or zero, and torch's CPU exp leaves its vectorised path for those (measured
-            # ~100x slower per element). Clamping them to ~-86 below the max first gives weights
+            # ~100x slower per element). Clamping them to ~86 below the max first gives weights
             # of ~3e-38 instead of ~0 relative to the largest (1): far below float32 resolution
             # of a sum that is >= 1. The max is exact in any order; torch's softmax then sums
             # each row in one thread, so the result does not depend on the thread count (a
             # plain .sum() here split short rows' sums across threads: profiles then differed)
-            rows.sub_(rows.amax(1, keepdim=True)).clamp_min_(self._underflow)
+            torch.maximum(rows, rows.amax(1, keepdim=True) + self._underflow, out=rows)
             weights = torch.softmax(rows, dim=1).to(self.compute_dtype)
             blended = (weights @ self.centred).to(self.accumulate)
             out[start : start + self.chunk] = blended + self.mean
