@@ -90,12 +90,14 @@ class ExactDenoiser:
             rows.copy_(q @ self.centred_t).sub_(bias)
             # At small sigma most of a row lies ~100s below its max, where exp's result is
             # denormal or zero, and torch's CPU exp leaves its vectorised path for those (measured
-            # ~100x slower per element). Clamping them to ~86 below the max first gives weights
+            # ~100x slower per element). Clamping them to ~-86 below the max first gives weights
             # of ~3e-38 instead of ~0 relative to the largest (1): far below float32 resolution
             # of a sum that is >= 1. The max is exact in any order; torch's softmax then sums
             # each row in one thread, so the result does not depend on the thread count (a
             # plain .sum() here split short rows' sums across threads: profiles then differed)
-            torch.maximum(rows, rows.amax(1, keepdim=True) + self._underflow, out=rows)
+            # (shift first, then clamp: at sigma -> 0 the logits reach ~1e10, where float32 cannot
+            # hold max - 86 as a threshold, but the shifted values are exact)
+            rows.sub_(rows.amax(1, keepdim=True)).clamp_min_(self._underflow)
             weights = torch.softmax(rows, dim=1).to(self.compute_dtype)
             blended = (weights @ self.centred).to(self.accumulate)
             out[start : start + self.chunk] = blended + self.mean

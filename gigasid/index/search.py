@@ -22,6 +22,10 @@ AUTO_EXACT_BELOW = 20_000
 ADD_CHUNK = 262_144  # vectors added to a FAISS index at a time
 TRAIN_PER_LIST = 64  # IVF training sample: this many vectors per list ...
 TRAIN_MIN = 65_536  # ... and at least this many
+# k-means iterations of the IVF training (FAISS's default is 25): measured at 186x248 (401 lists),
+# recall@5 against an exact search over the same vectors 0.950 at 10 vs 0.962 at 25, for 37 % of
+# the training time (the largest part of preparing a small job's index)
+TRAIN_ITERATIONS = 10
 AUTO_PQ_FROM = 2_000_000
 
 
@@ -103,6 +107,7 @@ class FaissIndex:
             else:
                 raise ValueError(f"unknown index kind {kind!r}; valid: exact, flat, ivf, ivfpq")
             index.cp.seed = seed
+            index.cp.niter = TRAIN_ITERATIONS
             # train on a sample (k-means cost grows with it; ~64 points per list is plenty), then
             # add every vector in chunks: the build's extra memory stays bounded
             sample = min(count, max(TRAIN_PER_LIST * nlist, TRAIN_MIN))
