@@ -81,13 +81,24 @@ class ExactDenoiser:
         # dot products come out of the matmul in compute_dtype (as in the paper's bfloat16
         # bottleneck) and the bias is subtracted in the accumulation dtype
         bias = self.sq_norms * (alpha * alpha / (2.0 * sigma * sigma))
-        logits = torch.empty(min(self.chunk, queries.shape[0]), bias.shape[0], dtype=self.accumulate,
-                             device=queries.device)
+        # the (chunk, N) blocks are allocated once per call and reused by every chunk: fresh
+        # blocks this large come from the OS each time (page faults and zeroing, ~25 % of a
+        # chunk's time measured)
+        rows_max = min(self.chunk, queries.shape[0])
+        n = bias.shape[0]
+        device = queries.device
+        scores = torch.empty(rows_max, n, dtype=self.compute_dtype, device=device)
+        logits = torch.empty(rows_max, n, dtype=self.accumulate, device=device)
+        weights = torch.empty(rows_max, n, dtype=self.accumulate, device=device)
+        mixed = self.compute_dtype != self.accumulate
+        weights_low = torch.empty(rows_max, n, dtype=self.compute_dtype, device=device) if mixed else None
         for start in range(0, queries.shape[0], self.chunk):
             q = queries[start : start + self.chunk].to(self.accumulate) - alpha * self.mean
             q = (q * (alpha / (sigma * sigma))).to(self.compute_dtype)
-            rows = logits[: q.shape[0]]
-            rows.copy_(q @ self.centred_t).sub_(bias)
+            m = q.shape[0]
+            rows = logits[:m]
+            torch.matmul(q, self.centred_t, out=scores[:m])
+            rows.copy_(scores[:m]).sub_(bias)
             # At small sigma most of a row lies ~100s below its max, where exp's result is
             # denormal or zero, and torch's CPU exp leaves its vectorised path for those (measured
             # ~100x slower per element). Clamping them to ~-86 below the max first gives weights
@@ -98,8 +109,10 @@ class ExactDenoiser:
             # (shift first, then clamp: at sigma -> 0 the logits reach ~1e10, where float32 cannot
             # hold max - 86 as a threshold, but the shifted values are exact)
             rows.sub_(rows.amax(1, keepdim=True)).clamp_min_(self._underflow)
-            weights = torch.softmax(rows, dim=1).to(self.compute_dtype)
-            blended = (weights @ self.centred).to(self.accumulate)
+            chunk_weights = torch.ops.aten._softmax.out(rows, 1, False, out=weights[:m])
+            if mixed:
+                chunk_weights = weights_low[:m].copy_(chunk_weights)
+            blended = (chunk_weights @ self.centred).to(self.accumulate)
             out[start : start + self.chunk] = blended + self.mean
         return out
 
