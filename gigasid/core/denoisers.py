@@ -103,11 +103,11 @@ class ExactDenoiser:
             # denormal or zero, and torch's CPU exp leaves its vectorised path for those (measured
             # ~100x slower per element). Clamping them to ~-86 below the max first gives weights
             # of ~3e-38 instead of ~0 relative to the largest (1): far below float32 resolution
-            # of a sum that is >= 1. The max is exact in any order; torch's softmax then sums
-            # each row in one thread, so the result does not depend on the thread count (a
-            # plain .sum() here split short rows' sums across threads: profiles then differed)
-            # (shift first, then clamp: at sigma -> 0 the logits reach ~1e10, where float32 cannot
-            # hold max - 86 as a threshold, but the shifted values are exact)
+            # of a sum that is >= 1. Shift first, then clamp: at sigma -> 0 the logits reach
+            # ~1e10, where float32 cannot hold "max - 86" as a threshold, but the shifted values
+            # are exact. The max is exact in any order, and torch's softmax sums each row in one
+            # thread, so the result does not depend on the thread count (a plain .sum() here split
+            # short rows' sums across threads: the profiles then differed)
             rows.sub_(rows.amax(1, keepdim=True)).clamp_min_(self._underflow)
             chunk_weights = torch.ops.aten._softmax.out(rows, 1, False, out=weights[:m])
             if mixed:

@@ -25,6 +25,7 @@ take their cell's searched candidates shifted by their offset.
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gigasid.core.knn_fold import lanes_for, padded_flat
 from gigasid.core.patches import grid_shape, unfold_rows
 from gigasid.index.search import IndexKind, build_index, load_index
 
@@ -88,10 +90,8 @@ class PatchFeatures:
             kernel = _project_rows_serial if serial else _project_rows
             # float32 in one fixed summation order per patch: a tile's crop gets the whole
             # image's bits (a matmul's order depends on its shape, hence the float64 path below)
-            basis_rows, lanes = self._basis_rows()
-            run = size * channels
-            flat = np.zeros(image.numel() + lanes - run, dtype=np.float32)  # (H, W, C) + over-read room
-            flat[: image.numel()] = image.permute(1, 2, 0).reshape(-1).numpy()
+            basis_rows = self._basis_rows
+            flat = padded_flat(image.numpy().transpose(1, 2, 0), basis_rows.shape[2] - size * channels)
             offset = self.offset.to(torch.float32).numpy()
             kernel(flat, width * channels, channels, rows.numpy().astype(np.int64), cols.numpy().astype(np.int64),
                    basis_rows, offset, out)
@@ -107,20 +107,17 @@ class PatchFeatures:
             out[start * len(cols) : start * len(cols) + features.shape[0]] = features.to(torch.float32)
         return out
 
-    def _basis_rows(self) -> tuple[np.ndarray, int]:
+    @functools.cached_property
+    def _basis_rows(self) -> np.ndarray:
         """The basis as the kernel reads it: (dims, P, lanes) float32, each component's patch rows
         in (H, W, C) order — P·C contiguous image values — zero-padded to whole registers."""
-        cached = getattr(self, "_rows_cache", None)
-        if cached is None:
-            size, channels = self.patch_size, self.channels
-            run = size * channels
-            lanes = -(-run // 16) * 16
-            components = self.basis.T.to(torch.float32).reshape(self.dims, channels, size, size)
-            rows = components.permute(0, 2, 3, 1).reshape(self.dims, size, run)
-            padded = np.zeros((self.dims, size, lanes), dtype=np.float32)
-            padded[:, :, :run] = rows.numpy()
-            cached = self._rows_cache = (padded, lanes)
-        return cached
+        size, channels = self.patch_size, self.channels
+        run = size * channels
+        components = self.basis.T.to(torch.float32).reshape(self.dims, channels, size, size)
+        rows = components.permute(0, 2, 3, 1).reshape(self.dims, size, run)
+        padded = np.zeros((self.dims, size, lanes_for(run)), dtype=np.float32)
+        padded[:, :, :run] = rows.numpy()
+        return padded
 
     def residual_norms(self, image: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """‖R(y - mean)‖ for every patch: its distance to the PCA subspace."""
