@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gigasid.core.jit import numba  # None without numba: the slow path keeps the math
 from gigasid.core.patches import window_profile
-
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; the slow path keeps the math
-    numba = None
 
 Box = tuple[int, int, int, int]
 

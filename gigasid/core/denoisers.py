@@ -243,14 +243,15 @@ class KnnDenoiser:
 
 def patch_mean(reference: torch.Tensor, patch_size: int) -> torch.Tensor:
     """The mean of all patch rows of a (C, H, W) image, without building them: (C·P·P,)."""
-    _, height, width = reference.shape
+    channels, height, width = reference.shape
     grid_h, grid_w = height - patch_size + 1, width - patch_size + 1
-    means = [
-        reference[:, dy : dy + grid_h, dx : dx + grid_w].to(torch.float64).mean((1, 2))
-        for dy in range(patch_size)
-        for dx in range(patch_size)
-    ]
-    return torch.stack(means, 1).reshape(-1).to(torch.float32)  # (C, P·P) flattened
+    # pixel (dy, dx) of the mean patch is the mean of the window [dy, dy + grid_h) x [dx, dx + grid_w)
+    # of the image: P² box sums, read off one float64 summed-area table
+    table = F.pad(reference.to(torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))
+    top, left = slice(0, patch_size), slice(0, patch_size)
+    bottom, right = slice(grid_h, grid_h + patch_size), slice(grid_w, grid_w + patch_size)
+    sums = table[:, bottom, right] - table[:, top, right] - table[:, bottom, left] + table[:, top, left]
+    return (sums / (grid_h * grid_w)).reshape(channels * patch_size * patch_size).to(torch.float32)
 
 
 def patch_sq_norms(reference: torch.Tensor, patch_size: int) -> torch.Tensor:

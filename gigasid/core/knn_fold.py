@@ -17,17 +17,7 @@ import threading
 
 import numpy as np
 
-try:  # optional: without numba the torch path runs
-    import numba
-
-    numba.config.THREADING_LAYER = "workqueue"  # torch and faiss already bring an OpenMP each
-except ImportError:  # pragma: no cover - exercised only where numba is absent
-    numba = None
-
-
-def available() -> bool:
-    return numba is not None
-
+from gigasid.core.jit import available, numba  # noqa: F401 - available() is this module's API too
 
 if numba is not None:
 
@@ -206,12 +196,12 @@ if numba is not None:
 LANE_FLOATS = 16  # float32 values per AVX-512 register: patch rows are read in whole registers
 
 
-def lanes_for(run: int) -> int:
+def _lanes_for(run: int) -> int:
     """``run`` values rounded up to whole registers: how long a patch row is read."""
     return -(-run // LANE_FLOATS) * LANE_FLOATS
 
 
-def padded_flat(image_hwc: np.ndarray, extra: int) -> np.ndarray:
+def _padded_flat(image_hwc: np.ndarray, extra: int) -> np.ndarray:
     """A flat float32 copy of an (H, W, C) image with ``extra`` zeros after it: a patch row read
     as whole registers may run past the last pixel."""
     flat = np.zeros(image_hwc.size + extra, dtype=np.float32)
@@ -233,9 +223,9 @@ class CompiledKnnFold:
         channels = reference.shape[0]
         self.channels, self.patch_size = channels, patch_size
         self.run = patch_size * channels
-        self.lanes = lanes_for(self.run)
+        self.lanes = _lanes_for(self.run)
         self.pad = self.lanes - self.run
-        self.reference = padded_flat(reference.transpose(1, 2, 0), self.pad)  # (H, W, C) + padding
+        self.reference = _padded_flat(reference.transpose(1, 2, 0), self.pad)  # (H, W, C) + padding
         self.row_len = reference.shape[2] * channels
         self.ref_sq = np.ascontiguousarray(ref_sq, dtype=np.float32)
         # mean patch (C, P, P) → P runs of P·C values, the kernel's patch-row layout
@@ -248,7 +238,7 @@ class CompiledKnnFold:
         if candidates is None:
             candidates = np.full((grid_h * grid_w, 1), -1, dtype=np.int64)
         channels = self.channels
-        source_flat = padded_flat(source.transpose(1, 2, 0), self.pad)
+        source_flat = _padded_flat(source.transpose(1, 2, 0), self.pad)
         window_runs = _padded_runs(np.repeat(window, channels, axis=1), self.lanes)
         height, width = canvas.shape[1:]
         # float64 accumulation: a pixel's sum must not depend on where the kernel split the rows
@@ -275,7 +265,7 @@ class CompiledKnnFold:
         """(grid_h·grid_w, k) float32 softmax weights of ``candidates`` for the patches of
         ``source`` (C, H', W'), computed as the fold computes them."""
         channels = self.channels
-        source_flat = padded_flat(source.transpose(1, 2, 0), self.pad)
+        source_flat = _padded_flat(source.transpose(1, 2, 0), self.pad)
         width = source.shape[2]
         out = np.empty(candidates.shape, dtype=np.float32)  # the kernel writes every entry
         _weights_rows(

@@ -14,10 +14,7 @@ import threading
 import numpy as np
 import torch
 
-try:  # the CPU fast path; the torch code below is the reference and the CUDA path
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
+from gigasid.core.jit import numba  # the CPU fast path; the torch code below is the reference and CUDA path
 
 _MASK64 = (1 << 64) - 1
 

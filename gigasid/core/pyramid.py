@@ -17,10 +17,7 @@ import threading
 import numpy as np
 import torch
 
-try:  # the CPU fast path of resample_axis; the torch code is the reference and the CUDA path
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
+from gigasid.core.jit import numba  # resample_axis's CPU fast path; torch is the reference and CUDA path
 
 CUBIC_SUPPORT = 2.0  # Keys' cubic is non-zero on (-2, 2)
 
