@@ -41,7 +41,7 @@ from gigasid.index.search import IndexKind, build_index, load_index
 class PatchFeatures:
     """PCA features of P×P patches, computed by convolution with the basis."""
 
-    def __init__(self, reference: torch.Tensor, patch_size: int, dims: int, *, sample: int = 8192, seed: int = 0):
+    def __init__(self, reference: torch.Tensor, patch_size: int, dims: int, *, sample: int = 4096, seed: int = 0):
         channels, height, width = reference.shape
         self.patch_size, self.channels = patch_size, channels
         full = channels * patch_size * patch_size
@@ -64,7 +64,10 @@ class PatchFeatures:
         # a 1-thread run with a 2-thread resume)
         with torch.random.fork_rng():  # svd_lowrank draws from the global generator
             torch.manual_seed(seed)
-            _, _, vectors = torch.svd_lowrank(centred, q=min(full, self.dims + 8), niter=3)
+            # 2 power iterations on a 4096-patch sample: measured at 186x248, the 31 components
+            # keep 93.8 % of all patches' centred energy, against 93.96 % for 3 on 8192 and 94.09 %
+            # for the exact PCA of all 40 248, in a third of the time (63 vs ~150 ms)
+            _, _, vectors = torch.svd_lowrank(centred, q=min(full, self.dims + 8), niter=2)
         basis = vectors[:, : self.dims]  # (full, dims)
         # features are computed in float64 so that a tile's crop gets bit-identical float32
         # features to the whole image's, whatever the matmul's blocking
