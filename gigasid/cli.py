@@ -8,6 +8,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -318,5 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry_point() -> None:
+    """The ``gigasid`` command: :func:`main`, then an immediate exit. By the time main returns
+    every file is written and closed and every executor shut down (``open_executor``), and the
+    interpreter's own teardown of torch, numba and faiss would add ~0.5 s to every command
+    (measured: ``import torch`` alone exits 0.5 s later than ``os._exit``)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()
