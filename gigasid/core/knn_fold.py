@@ -50,14 +50,25 @@ if numba is not None:
     @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False)
     def _fold_rows(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
                    row0, row1, grid_w, run, out, out_w):
-        """Denoise and fold query rows [row0, row1) into ``out`` (rows row0.. of the canvas).
+        """Denoise and fold query rows [row0, row1) into ``out`` (rows row0.. of the canvas)."""
+        lanes = window.shape[1]
+        if lanes == SPECIALISED_LANES:  # the body inlined with a compile-time row length
+            _fold_rows_body(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
+                            row0, row1, grid_w, run, out, out_w, SPECIALISED_LANES)
+        else:
+            _fold_rows_body(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
+                            row0, row1, grid_w, run, out, out_w, lanes)
+
+    @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False, inline="always")
+    def _fold_rows_body(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
+                        row0, row1, grid_w, run, out, out_w, lanes):
+        """:func:`_fold_rows` for rows read as ``lanes`` values.
 
         Images are flat (H, W, C) arrays here (``*_w`` = W·C, the row length), so one patch row is
         ``run`` = P·C contiguous values: unit-stride loops the compiler vectorises. ``window`` and
         ``mean`` rows are ``lanes`` long, zero past ``run``: the padding lanes add exact zeros.
         """
         size = window.shape[0]
-        lanes = window.shape[1]
         channels = run // size
         grid_w_ref = ref_w // channels - size + 1
         k = candidates.shape[1]
@@ -194,6 +205,10 @@ if numba is not None:
 
 
 LANE_FLOATS = 16  # float32 values per AVX-512 register: patch rows are read in whole registers
+# the row length (in lanes) the fold is also compiled for as a constant: P = 15 in RGB, the
+# default. With a constant, LLVM unrolls the row loops exactly: measured 55 → 46 ms per fold at
+# 186x248, with the same bits as the generic loop
+SPECIALISED_LANES = 48
 
 
 def _lanes_for(run: int) -> int:
