@@ -133,7 +133,7 @@ class FusedDenoiser:
     def __call__(self, queries, alpha, sigma, candidates=None):
         if alpha == 0.0:
             return self.mean.to(torch.float32).expand(queries.shape[0], -1).clone()
-        n, d = self.centred.shape
+        _, d = self.centred.shape
         keys = torch.cat([alpha * self.centred, (-0.5 * alpha * alpha) * self.sq_norms[:, None]], 1)
         values = F.pad(self.centred, (0, 1))
         keys, values = keys.to(self.compute_dtype), values.to(self.compute_dtype)

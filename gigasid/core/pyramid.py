@@ -117,7 +117,7 @@ def resample_taps(
     stretch = max(ratio, 1.0)  # widen the kernel when shrinking: antialiasing
     radius = CUBIC_SUPPORT * stretch
     centres = (torch.arange(o0, o1, dtype=torch.float64) + 0.5) * ratio - 0.5
-    taps = int(math.floor(2 * radius)) + 2
+    taps = math.floor(2 * radius) + 2
     first = torch.floor(centres - radius).to(torch.int64) + 1
     indices = first[:, None] + torch.arange(taps, dtype=torch.int64)[None, :]
     weights = _cubic((indices.to(torch.float64) - centres[:, None]) / stretch)

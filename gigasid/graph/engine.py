@@ -317,7 +317,7 @@ def execute(store: JobStore, profile: Profile, *, progress: Progress | None = No
                 if not pending:
                     continue
 
-                def finished(result, done=done, stage=stage, computing=computing):
+                def finished(result, done=done, stage=stage, computing=computing, where=where):
                     i, j = where[result[2]]
                     computing[0] += result[3]
                     done[stage, i, j] = 1  # after the chunk is written: durable before counted

@@ -267,9 +267,11 @@ class ReferenceCandidates:
         if self.coherence in ("neighbours", "both"):
             pool += self._propagated(found, grid, periodic)
         previous = self._previous
-        if self.coherence in ("previous", "both") and previous is not None and step is not None:
-            if previous[0] == step + 1 and previous[1].shape == found.shape:
-                pool.append(previous[1])
+        if (
+            self.coherence in ("previous", "both") and previous is not None and step is not None
+            and previous[0] == step + 1 and previous[1].shape == found.shape
+        ):
+            pool.append(previous[1])
         if queries is None:
             queries = self.query_vectors(scaled)
         best = self._best(torch.cat(pool, 1), queries)
