@@ -211,10 +211,10 @@ def serve(path: str | Path, port: int = 0, *, open_browser: bool = False, log=pr
     source = open_source(path, log)
     server = make_server(source, port)
     url = f"http://127.0.0.1:{server.server_address[1]}/"
-    log(f"serving {path} at {url}  (Ctrl-C to stop)")
-    if open_browser:
-        webbrowser.open(url)
-    try:
+    try:  # a Ctrl-C as soon as the URL is out also stops cleanly
+        log(f"serving {path} at {url}  (Ctrl-C to stop)")
+        if open_browser:
+            webbrowser.open(url)
         server.serve_forever()
     except KeyboardInterrupt:
         log("stopped")
