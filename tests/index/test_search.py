@@ -223,6 +223,33 @@ def test_strided_search_candidates(stride: int) -> None:
     _assert_distinct(found)
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+def test_compiled_spread_equals_the_torch_path(periodic: bool, monkeypatch) -> None:
+    """The strided search's compiled spreading (shift, fallback at the reference's edge, sort,
+    repeats to -1) gives exactly the torch code's candidates, -1 slots included."""
+    from gigasid.index import candidates
+
+    if candidates._spread_matches is None:
+        pytest.skip("numba is not installed: only the torch path exists")
+    reference = _texture(24, 30, seed=3)
+    size = 5
+    source = ReferenceCandidates(reference, size, k=5, index="exact", search_dims=8, search_stride=2)
+    generator = torch.Generator().manual_seed(5)
+    x_t = 0.5 * _texture(27, 33, seed=4) + 0.5 * torch.randn(3, 27, 33, generator=generator)
+    real_search = source.index.search
+
+    def search_with_gaps(queries, k):  # some empty slots, as an IVF with few lists returns
+        found = real_search(queries, k)
+        found[::7, -1] = -1
+        return found
+
+    source.index.search = search_with_gaps
+    compiled = source(x_t, 0.5, periodic=periodic)
+    monkeypatch.setattr(candidates, "_spread_matches", None)
+    assert torch.equal(compiled, source(x_t, 0.5, periodic=periodic))
+    assert bool((compiled == -1).any())  # the -1 slots were exercised
+
+
 def test_auto_kind_picks_by_size():
     from gigasid.index.search import AUTO_EXACT_BELOW, AUTO_PQ_FROM, auto_kind, auto_thresholds
 
