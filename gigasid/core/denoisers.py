@@ -53,13 +53,14 @@ class PatchDenoiser(Protocol):
 class ExactDenoiser:
     """Kernel regression over the full (N, D) dataset, ``chunk`` queries at a time.
 
-    The elementwise passes over each (chunk, N) block of logits are memory-bound: 256 queries
-    (41 MB of logits at N = 40 248) measured ~25 % faster per query than 1024 on this 2-core CPU.
+    The elementwise passes over each (chunk, N) block of logits are memory-bound: 128 queries
+    (21 MB of logits at N = 40 248) measured ~5 % faster per query than 256, and 256 ~25 % faster
+    than 1024, on this 2-core CPU (64 is slower again: the matmuls get too thin).
     """
 
     needs_candidates = False
 
-    def __init__(self, dataset: torch.Tensor, *, compute_dtype: torch.dtype = torch.bfloat16, chunk: int = 256):
+    def __init__(self, dataset: torch.Tensor, *, compute_dtype: torch.dtype = torch.bfloat16, chunk: int = 128):
         accumulate = torch.float64 if compute_dtype == torch.float64 else torch.float32
         self.mean = dataset.to(accumulate).mean(0)
         centred = dataset.to(accumulate) - self.mean
