@@ -371,11 +371,11 @@ def _drop_duplicates(candidates: torch.Tensor) -> torch.Tensor:
     return ordered.masked_fill(repeated, -1)
 
 
-# the CPU fast path of PatchFeatures.project; without numba the float64 matmul runs
+# the CPU fast paths of PatchFeatures.project and the strided search; without numba the torch
+# code above runs
 if numba is None:  # pragma: no cover
     _project_rows = _project_rows_serial = _spread_matches = None
-
-if numba is not None:
+else:
 
     @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
     def _project_block(patches, basis, out):
