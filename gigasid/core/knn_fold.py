@@ -47,6 +47,40 @@ if numba is not None:
                 dot += acc[i]
             logits[j] = -(alpha * alpha * ref_sq[j] - 2.0 * alpha * dot) * scale
 
+    @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False, inline="always")
+    def _softmax_weights(source, x0, src_w, reference, ref_w, ref_sq, candidates, query, alpha, scale, size, run,
+                         lanes, starts, norms, slots, partial, weights):
+        """The softmax weights of query ``query``'s valid candidates (patch at flat offset x0) into
+        ``weights[:count]``, their offsets into ``starts`` and their columns in ``candidates`` into
+        ``slots``; returns ``count`` (0: no candidate, or alpha = 0). One code for the fold and
+        for :func:`_weights_rows`, so both see the same weights."""
+        channels = run // size
+        grid_w_ref = ref_w // channels - size + 1
+        count = 0
+        for j in range(candidates.shape[1]):
+            c = candidates[query, j]
+            if c < 0 or alpha == 0.0:
+                continue
+            top = c // grid_w_ref
+            starts[count] = top * ref_w + (c - top * grid_w_ref) * channels
+            norms[count] = ref_sq[c]
+            slots[count] = j
+            count += 1
+        if count == 0:
+            return 0
+        _logits(source, x0, src_w, reference, ref_w, size, run, lanes, starts, norms, count, alpha, scale,
+                partial, weights)
+        best = weights[0]
+        for j in range(1, count):
+            best = max(best, weights[j])
+        total = 0.0
+        for j in range(count):
+            weights[j] = math.exp(weights[j] - best)
+            total += weights[j]
+        for j in range(count):
+            weights[j] /= total
+        return count
+
     @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False)
     def _fold_rows(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
                    row0, row1, grid_w, run, out, out_w):
@@ -70,28 +104,20 @@ if numba is not None:
         """
         size = window.shape[0]
         channels = run // size
-        grid_w_ref = ref_w // channels - size + 1
         k = candidates.shape[1]
         scale = 1.0 / (2.0 * sigma * sigma)
-        logits = np.empty(k, dtype=np.float64)
+        weights = np.empty(k, dtype=np.float64)
         starts = np.empty(k, dtype=np.int64)
         norms = np.empty(k, dtype=np.float32)
+        slots = np.empty(k, dtype=np.int64)
         partial = np.empty((k, lanes), dtype=np.float32)
         patch = np.empty(size * lanes, dtype=np.float32)
         for row in range(row0, row1):
             local = row - row0
             for col in range(grid_w):
-                query = row * grid_w + col
-                x0 = row * src_w + col * channels
-                count = 0
-                for j in range(k):
-                    c = candidates[query, j]
-                    if c < 0 or alpha == 0.0:
-                        continue
-                    top = c // grid_w_ref
-                    starts[count] = top * ref_w + (c - top * grid_w_ref) * channels
-                    norms[count] = ref_sq[c]
-                    count += 1
+                count = _softmax_weights(source, row * src_w + col * channels, src_w, reference, ref_w, ref_sq,
+                                         candidates, row * grid_w + col, alpha, scale, size, run, lanes, starts,
+                                         norms, slots, partial, weights)
                 o0 = local * out_w + col * channels
                 if count == 0:  # no candidate (or alpha = 0): the dataset mean
                     for dy in range(size):
@@ -101,20 +127,11 @@ if numba is not None:
                         for i in range(lanes):
                             o_row[i] += w_row[i] * m_row[i]
                     continue
-                _logits(source, x0, src_w, reference, ref_w, size, run, lanes, starts, norms, count, alpha,
-                        scale, partial, logits)
-                best = logits[0]
-                for j in range(1, count):
-                    best = max(best, logits[j])
-                total = 0.0
-                for j in range(count):
-                    logits[j] = math.exp(logits[j] - best)
-                    total += logits[j]
                 # the weighted patch in a small float32 buffer (cache-resident), then one
                 # window-weighted add into the float64 canvas: k times less canvas traffic
                 first = True
                 for j in range(count):
-                    w = np.float32(logits[j] / total)
+                    w = np.float32(weights[j])
                     if w < 1e-8:  # below float32 round-off of the sum: adds nothing
                         continue
                     for dy in range(size):
@@ -138,44 +155,24 @@ if numba is not None:
     @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, boundscheck=False)
     def _weights_rows(source, src_w, reference, ref_w, ref_sq, candidates, size, channels, lanes, alpha, sigma,
                       grid_w, out):
-        """The softmax weights of every query's candidates (what the fold averages with): the
-        same logits, computed the same way, as :func:`_fold_rows`."""
+        """The softmax weights of every query's candidates: what the fold averages with, by the
+        same :func:`_softmax_weights`."""
         run = size * channels
-        grid_w_ref = ref_w // channels - size + 1
         k = candidates.shape[1]
         scale = 1.0 / (2.0 * sigma * sigma)
-        logits = np.empty(k, dtype=np.float64)
+        weights = np.empty(k, dtype=np.float64)
         starts = np.empty(k, dtype=np.int64)
         norms = np.empty(k, dtype=np.float32)
         slots = np.empty(k, dtype=np.int64)
         partial = np.empty((k, lanes), dtype=np.float32)
         for query in range(candidates.shape[0]):
+            out[query, :] = np.float32(0.0)
             row, col = query // grid_w, query % grid_w
-            x0 = row * src_w + col * channels
-            count = 0
-            for j in range(k):
-                out[query, j] = np.float32(0.0)
-                c = candidates[query, j]
-                if c < 0:
-                    continue
-                top = c // grid_w_ref
-                starts[count] = top * ref_w + (c - top * grid_w_ref) * channels
-                norms[count] = ref_sq[c]
-                slots[count] = j
-                count += 1
-            if count == 0:
-                continue
-            _logits(source, x0, src_w, reference, ref_w, size, run, lanes, starts, norms, count, alpha, scale,
-                    partial, logits)
-            best = logits[0]
-            for j in range(1, count):
-                best = max(best, logits[j])
-            total = 0.0
+            count = _softmax_weights(source, row * src_w + col * channels, src_w, reference, ref_w, ref_sq,
+                                     candidates, query, alpha, scale, size, run, lanes, starts, norms, slots,
+                                     partial, weights)
             for j in range(count):
-                logits[j] = math.exp(logits[j] - best)
-                total += logits[j]
-            for j in range(count):
-                out[query, slots[j]] = np.float32(logits[j] / total)
+                out[query, slots[j]] = np.float32(weights[j])
 
     @numba.njit(nogil=True, cache=True)
     def _merge(canvas, buffers, bounds, size):
