@@ -1,8 +1,11 @@
-"""The command line: ``gigasid generate | resume | info | export | view``. Thin: parse, read, call
-``jobs``, ``graph.engine``, ``io.exporters`` or ``io.viewer``, write, report.
+"""The command line: ``gigasid generate | resume | check | info | export | view``. Thin: parse,
+read, call ``jobs``, ``graph.engine``, ``io.exporters`` or ``io.viewer``, write, report.
 
-User mistakes (:class:`~gigasid.errors.GigasidError`) become one line on stderr and exit code 2;
-anything else is a bug and keeps its traceback.
+User mistakes (:class:`~gigasid.errors.GigasidError`) and a full disk become one line on stderr
+and exit code 2; anything else is a bug and keeps its traceback. What can be decided before
+computing is: an output that would overwrite an input or another output, the input's working set
+against the memory available (``gigasid.jobs``-sized estimate), an image format's size limits, and
+a job store's size against the free disk (``--force`` overrides that one).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from gigasid import limits
 from gigasid.errors import GigasidError, InputError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
@@ -35,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", type=Path, required=True, help="output image, or a folder for a folder input")
     gen.add_argument("--pipeline", default="uncond", help="preset name (pipelines/NAME.yaml) or a YAML file")
     gen.add_argument("--size", help="output size HEIGHTxWIDTH (default: the preset's output_scale × input)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the first sample")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first sample, 0 <= N < 2^63")
     gen.add_argument("--samples", type=int, default=1, help="samples per input (seeds seed, seed+1, ...)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a preset setting, e.g. --set index.k=10 --set eta=1")
@@ -44,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
     gen.add_argument("--export", action="append", default=[], type=Path, metavar="OUT",
                      help="after a .zarr job finishes, export it to OUT (as `gigasid export`, default options); repeatable")
+    gen.add_argument("--force", action="store_true",
+                     help="start even when the plan's disk estimate exceeds the free space")
     res = commands.add_parser("resume", help="continue a stopped out-of-core job from its store")
     res.add_argument("store", type=Path)
     res.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
@@ -51,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="when the job is complete, export it to OUT (as `gigasid export`); repeatable")
     inf = commands.add_parser("info", help="show a job store's config, status and per-scale timings")
     inf.add_argument("store", type=Path)
+    chk = commands.add_parser(
+        "check", help="read every chunk a job store's done-grids claim and list the damaged ones",
+        description="Exit 0 when nothing is damaged; else the damaged chunks are listed and the exit "
+        "code is 2. `gigasid resume` runs this first and recomputes what is damaged.",
+    )
+    chk.add_argument("store", type=Path)
     exp = commands.add_parser(
         "export", help="write a finished job store as pyramidal TIFF, DeepZoom, OME-Zarr, PNG or JPEG",
         description="The format comes from OUTPUT's name: .tif/.ome.tif (pyramidal tiled OME BigTIFF), .dzi "
@@ -72,25 +84,66 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _outputs_for(inputs: list[Path], output: Path, samples: int, folder_input: bool) -> list[list[Path]]:
+    """The output files of each input, refused before anything is computed when one would
+    overwrite an input or two would be the same file. In a folder, images sharing a name stem
+    (``x.png``, ``x.jpg``) keep their format in the output's name: ``x_png.png``, ``x_jpg.png``."""
+    from collections import Counter
+
     from gigasid.io.images import WRITE_SUFFIXES, check_writable_output
 
     if folder_input:
         if output.suffix.lower() in WRITE_SUFFIXES:
             raise InputError(f"input is a folder, so -o must be a folder too, got {output}")
-        output.mkdir(parents=True, exist_ok=True)
-        bases = [output / f"{path.stem}.png" for path in inputs]
+        stems = Counter(path.stem.lower() for path in inputs)
+        names = [path.stem if stems[path.stem.lower()] == 1 else f"{path.stem}_{path.suffix[1:].lower()}" for path in inputs]
+        bases = [output / f"{name}.png" for name in names]
     else:
         bases = [output]
     planned = []
     for base in bases:
-        check_writable_output(base)
         if samples == 1:
             planned.append([base])
         else:
             planned.append([base.with_name(f"{base.stem}_{i}{base.suffix}") for i in range(samples)])
+    _refuse_overwrites(inputs, [path for outputs in planned for path in outputs])
+    if folder_input:
+        output.mkdir(parents=True, exist_ok=True)
+    for outputs in planned:
+        check_writable_output(outputs[0])
     return planned
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Do two paths name one file (symlinks, ``..``, hard links, a case-insensitive disk)?"""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_overwrites(inputs: list[Path], outputs: list[Path]) -> None:
+    for out in outputs:
+        for source in inputs:
+            if _same_file(out, source):
+                raise InputError(
+                    f"output {out} is the input {source}: writing it would destroy the reference; "
+                    "choose another output name or folder"
+                )
+    seen: dict[str, Path] = {}
+    for out in outputs:
+        key = os.path.normcase(os.path.realpath(out)).lower()
+        if key in seen:
+            raise InputError(
+                f"two outputs would both be written to {out}; rename one of the inputs or write them "
+                "one at a time"
+            )
+        seen[key] = out
+
+
+# seeds are 64-bit signed in the noise generator's key: refuse what would wrap rather than alias
+MAX_SEED = 2**63
 # outputs above this many pixels run through the tiled engine even without --tile
 TILED_ABOVE_PIXELS = 16_000_000
 DEFAULT_TILE = 1024
@@ -109,6 +162,11 @@ def generate_command(args: argparse.Namespace) -> None:
 
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
+    if not (0 <= args.seed and args.seed + args.samples - 1 < MAX_SEED):
+        raise InputError(
+            f"--seed must be between 0 and 2^63 - 1 (with --samples {args.samples}: at most "
+            f"{MAX_SEED - args.samples}), got {args.seed}"
+        )
     if args.tile is not None and args.tile < 1:
         raise InputError(f"--tile must be a positive number of pixels, got {args.tile}")
     size = parse_size(args.size) if args.size else None
@@ -121,10 +179,12 @@ def generate_command(args: argparse.Namespace) -> None:
     if args.output.suffix == ".zarr":
         if args.input.is_dir() or args.samples != 1:
             raise InputError("a .zarr output holds one job: give one input image and --samples 1")
-        from gigasid.io.exporters import check_export
+        from gigasid.io.exporters import check_export, exporter_for
 
         for path in args.export:  # a bad export path fails now, not after the job
             check_export(path)
+            _refuse_overwrites([args.input], exporter_for(path).outputs(path))
+        _refuse_overwrites([args.input], [args.output])
         _generate_store(args, config, size)
         for path in args.export:
             _export(args.output, path)
@@ -133,15 +193,25 @@ def generate_command(args: argparse.Namespace) -> None:
     inputs = list_images(args.input) if folder_input else [args.input]
     planned = _outputs_for(inputs, args.output, args.samples, folder_input)
 
+    from gigasid import jobs
+    from gigasid.io.images import image_shape
+
+    sizes = []
+    for path, outputs in zip(inputs, planned):  # every limit checked before the first image is computed
+        height, width, channels = image_shape(path)
+        out_size = size or jobs.default_size(height, width, config)
+        tiled = args.tile is not None or out_size[0] * out_size[1] > TILED_ABOVE_PIXELS
+        limits.check_in_memory(path, (height, width, channels), out_size, config, tiled=tiled)
+        for out_path in outputs:
+            limits.check_image_output(out_path, out_size, channels)
+        sizes.append((out_size, tiled))
+
     import torch
 
-    from gigasid import jobs
-
-    for path, outputs in zip(inputs, planned):
+    for path, outputs, (out_size, tiled) in zip(inputs, planned, sizes):
         pixels = read_image(path)
         image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous() * 2.0 - 1.0
-        out_size = size or jobs.default_size(image.shape[1], image.shape[2], config)
-        if args.tile is not None or out_size[0] * out_size[1] > TILED_ABOVE_PIXELS:
+        if tiled:
             for offset, out_path in enumerate(outputs):
                 _tiled_to_image(args, config, out_size, image, args.seed + offset, out_path, path)
             continue
@@ -157,12 +227,18 @@ def generate_command(args: argparse.Namespace) -> None:
 def _run_store(store, scheduler: str) -> None:
     from gigasid.graph import engine
     from gigasid.graph.profiles import load_profile
+    from gigasid.io.disk import disk_full, is_disk_full
 
     profile = load_profile(scheduler)
     print(engine.plan_text(store))
     started = time.perf_counter()
     try:
         engine.execute(store, profile)
+    except Exception as error:
+        if is_disk_full(error):  # what is done is durable: the job continues where it stopped
+            raise InputError(f"{disk_full(store.path.parent)}; the store {store.path} keeps what is done: "
+                             f"`gigasid resume {store.path}` continues it") from None
+        raise
     finally:
         store.release_lock()
     print(f"done in {time.perf_counter() - started:.1f} s ({profile.kind})")
@@ -172,10 +248,13 @@ def _generate_store(args, config, size) -> None:
     """-o OUT.zarr: a resumable out-of-core job; the reference is read in strips."""
     from gigasid.graph import engine
     from gigasid.graph.profiles import load_profile
+    from gigasid.io.images import image_shape
 
     load_profile(args.scheduler)  # a bad profile fails before any work
+    limits.check_job_store(args.input, image_shape(args.input), config)
     store = engine.create_job(
-        args.output, args.input, config, size=size, seed=args.seed, tile=args.tile or default_tile(config), source=str(args.input)
+        args.output, args.input, config, size=size, seed=args.seed, tile=args.tile or default_tile(config),
+        source=str(args.input), force=args.force,
     )
     print(f"{args.input} -> {args.output} (pipeline: {config.application}, seed {args.seed})")
     _run_store(store, args.scheduler)
@@ -187,14 +266,16 @@ def _tiled_to_image(args, config, size, image, seed, out_path, source) -> None:
 
     from gigasid.graph import engine
     from gigasid.graph.profiles import load_profile
+    from gigasid.io.disk import owner_tag, remove_stale
     from gigasid.io.images import write_image
 
     load_profile(args.scheduler)
     parent = out_path.parent if str(out_path.parent) else Path(".")
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".gigasid-") as scratch:
+    remove_stale(parent, ".gigasid-")  # scratch stores of killed runs
+    with tempfile.TemporaryDirectory(dir=parent, prefix=f".gigasid-{owner_tag()}-") as scratch:
         store = engine.create_job(
             Path(scratch) / "job.zarr", image, config, size=size, seed=seed,
-            tile=args.tile or default_tile(config), source=str(source),
+            tile=args.tile or default_tile(config), source=str(source), force=args.force,
         )
         print(f"{source} -> {out_path} (pipeline: {config.application}, seed {seed}, tiled)")
         _run_store(store, args.scheduler)
@@ -241,10 +322,24 @@ def resume_command(args: argparse.Namespace) -> None:
     for path in args.export:
         check_export(path)
     started = time.perf_counter()
-    engine.resume(args.store, profile)
+    engine.resume(args.store, profile, log=lambda message: print(message, file=sys.stderr, flush=True))
     print(f"{args.store}: complete ({time.perf_counter() - started:.1f} s)")
     for path in args.export:
         _export(args.store, path)
+
+
+def check_command(args: argparse.Namespace) -> None:
+    from gigasid.io.store import JobStore
+    from gigasid.io.store_check import check_store
+
+    report = check_store(JobStore.open(args.store))
+    if report.ok:
+        print(f"{args.store}: {report.checked} chunk(s) read, no damage")
+        return
+    print(f"{args.store}: {report.checked} chunk(s) read, {len(report.damaged)} damaged:")
+    for line in report.damaged:
+        print(f"  {line}")
+    raise report.error()
 
 
 def info_command(args: argparse.Namespace) -> None:
@@ -306,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             resume_command(args)
         elif args.command == "info":
             info_command(args)
+        elif args.command == "check":
+            check_command(args)
         elif args.command == "export":
             export_command(args)
         elif args.command == "view":
@@ -314,9 +411,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gigasid: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gigasid: interrupted", file=sys.stderr)
+        print("\ngigasid: interrupted", file=sys.stderr)  # the progress line may still be open
         return 130
+    except Exception as error:
+        from gigasid.io.disk import disk_full, is_disk_full
+
+        if not is_disk_full(error):
+            raise
+        print(f"gigasid: error: {disk_full(_written_folder(args))}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _written_folder(args: argparse.Namespace) -> Path:
+    """Where the command writes, for the message of a full disk."""
+    target = getattr(args, "output", None) or getattr(args, "store", None) or Path(".")
+    return target if target.suffix == ".zarr" else target.parent
 
 
 def entry_point() -> None:

@@ -4,12 +4,15 @@ A job runs scale by scale, coarsest first; a scale is a chain of T + 1 stages (x
 step), each a set of independent tile tasks (``graph.tasks``) that read x_t with its computed halo
 from one ping-pong buffer and write their core to the other. The driver alone writes the manifest
 and the done-grids, after each task reports, so what is marked done is durable; a killed job
-resumes from the first stage with a tile not done and produces the same pixels.
+resumes from the first stage with a tile not done and produces the same pixels. Before it does,
+``resume`` reads back every chunk the done-grids claim (``gigasid.io.store_check``) and marks
+what is missing or corrupt not done (:func:`repair`), so the damage is recomputed, not read as zeros.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +27,9 @@ from gigasid.core.pyramid import resample
 from gigasid.errors import InputError
 from gigasid.graph import tasks
 from gigasid.graph.profiles import Profile, open_executor
-from gigasid.io.store import JobStore
+from gigasid.io.disk import check_free_space, disk_full, is_disk_full
+from gigasid.io.store import JobStore, exists_error
+from gigasid.io.store_check import CheckReport, check_store, file_checksums
 from gigasid.tiling.geometry import halo, tile_ranges
 
 # the pixel output's chunk side in latent jobs (their tiles are in latent cells, 8 px each)
@@ -99,10 +104,12 @@ def create_job(
     seed: int,
     tile: int,
     source: str = "",
+    force: bool = False,
 ) -> JobStore:
     """Make the store of a new job: manifest, reference pyramid, indexes, buffers. Locked.
 
     ``image`` is the reference: an image file (read in strips) or a (C, H, W) tensor in [-1, 1].
+    The disk must have room for the plan's estimate of the store (``force``: start anyway).
     """
     if config.application == "symmetric":
         raise InputError("the symmetric application runs in memory only; write a .png/.jpg/.tif output")
@@ -150,12 +157,33 @@ def create_job(
     # half-made store at ``path`` (the next generate removes the leftover)
     path = Path(path)
     if path.exists():
-        raise InputError(f"{path} already exists; remove it, or continue it with `gigasid resume {path}`")
+        raise exists_error(path)
     building = path.with_name(f".{path.name}.creating")
     if building.exists():
         JobStore.remove_abandoned(building)
-    store = JobStore.create(building, manifest)
-    store.acquire_lock()
+    # the image's channels are not read yet: count 3 (grey needs less); a latent job's are the codec's
+    channels = 3 if factor == 1 else config.latent.channels
+    check_free_space(path.parent, disk_estimate(manifest, channels, 3), force=force, what=f"the job store {path}")
+    try:
+        store = JobStore.create(building, manifest)
+        store.acquire_lock()
+        return _build_job(store, building, path, image, config, manifest)
+    except BaseException as error:
+        # a half-built store is of no use: remove it now rather than leave it filling the disk
+        # (a kill, which runs no handler, leaves it for the next generate to remove)
+        if building.exists():
+            shutil.rmtree(building, ignore_errors=True)
+        if not isinstance(error, KeyboardInterrupt) and is_disk_full(error):
+            raise disk_full(path.parent, error) from None
+        raise
+
+
+def _build_job(store: JobStore, building: Path, path: Path, image, config: JobConfig, manifest: dict) -> JobStore:
+    """Fill a new job store created at ``building`` and rename it to ``path``."""
+    ref_shapes = manifest["reference_shapes"]
+    pixel_shapes = [tuple(s) for s in manifest["pixel_reference_shapes"]]
+    out_shapes = [tuple(s) for s in manifest["output_shapes"]]
+    factor, tile, size = manifest["factor"], manifest["tile"], tuple(manifest["size"])
     periodic = config.application == "tileable"
     setup = {}  # seconds per setup stage, for `gigasid info` and the benchmarks
     started = time.perf_counter()
@@ -174,6 +202,10 @@ def create_job(
             level = torch.from_numpy(store.array(f"{dataset}/{scale}")[...])
             jobs.scale_denoiser(level, config, periodic=periodic, index_dir=store.index_dir(scale))
         setup["indexes"] = time.perf_counter() - started
+        # read back by `gigasid check`: FAISS would read a damaged index file without noticing
+        store.update_manifest(index_checksums={
+            str(scale): file_checksums(store.index_dir(scale)) for scale in range(len(ref_shapes))
+        })
     store.update_manifest(setup_timings=setup)
     steps = config.num_steps
     for scale, (height, width) in enumerate(out_shapes):
@@ -196,12 +228,18 @@ def create_job(
     grid = (len(tile_ranges(height, out_tile)), len(tile_ranges(width, out_tile)))
     store.create_array("output_done", grid, grid, "uint8")
     if config.application == "retarget":  # the coarsest scale is given, not sampled
-        coarsest = len(out_shapes) - 1
-        level = torch.from_numpy(store.array(f"{dataset}/{len(ref_shapes) - 1}")[...])
-        store.array(f"scales/{coarsest}/final")[...] = resample(level, out_shapes[-1]).numpy()
-        store.update_manifest(scales_done=[coarsest])
+        _write_given_coarsest(store)
+        store.update_manifest(scales_done=[len(out_shapes) - 1])
     building.rename(path)
     return JobStore.open(path)  # still locked by us: the lock file moved with the directory
+
+
+def _write_given_coarsest(store: JobStore) -> None:
+    """Retarget's coarsest scale: the coarsest reference level resized to the output's."""
+    manifest = store.manifest
+    coarsest = len(manifest["output_shapes"]) - 1
+    level = torch.from_numpy(store.array(f"{manifest['dataset']}/{len(manifest['reference_shapes']) - 1}")[...])
+    store.array(f"scales/{coarsest}/final")[...] = resample(level, tuple(manifest["output_shapes"][-1])).numpy()
 
 
 def _encode_reference(store: JobStore, config: JobConfig, pixel_shapes, image_channels: int) -> int:
@@ -237,13 +275,12 @@ def plan_text(store: JobStore) -> str:
         from gigasid.index.search import auto_thresholds
 
         lines.append(f"  {auto_thresholds()}")
-    pixel_steps, disk = 0.0, 0
+    pixel_steps = 0.0
     for scale, (height, width) in enumerate(manifest["output_shapes"]):
         count = len(tile_boxes((height, width), tile))
         lines.append(f"  scale {scale}: {height}x{width}, {count} tile(s) x {steps + 1} stages")
         pixel_steps += height * width * steps
-        disk += 3 * channels * height * width * 4
-    disk += channels * manifest["output_shapes"][0][0] * manifest["output_shapes"][0][1]
+    disk = disk_estimate(manifest, channels, manifest.get("image_channels", channels))
     # rough rates measured on a 2-core CPU (bench/scaling.py): knn ~0.13 Mpx·step/s, exact far slower
     rate = 1.3e5 if config.denoiser.backend == "knn" else 2.0e3
     side = tile + 2 * manifest["halo"]
@@ -253,6 +290,15 @@ def plan_text(store: JobStore) -> str:
         f"{memory / 2**20:.0f} MiB per task plus the reference index"
     )
     return "\n".join(lines)
+
+
+def disk_estimate(manifest: dict, channels: int, image_channels: int) -> int:
+    """Bytes a job's store holds at most, before compression: the float32 reference pyramid, three
+    float32 buffers per scale (x0, x1, final) and the uint8 output."""
+    reference = sum(h * w for h, w in manifest["pixel_reference_shapes"]) * image_channels * 4
+    buffers = sum(3 * channels * h * w * 4 for h, w in manifest["output_shapes"])
+    height, width = manifest["size"]
+    return reference + buffers + image_channels * height * width
 
 
 def _duration(seconds: float) -> str:
@@ -353,18 +399,94 @@ def execute(store: JobStore, profile: Profile, *, progress: Progress | None = No
     store.update_manifest(status="complete")
 
 
-def resume(path: str | Path, profile: Profile, *, progress: Progress | None = None) -> JobStore:
-    """Continue a stopped job from what is durable in its store."""
+def resume(path: str | Path, profile: Profile, *, progress: Progress | None = None, log=None) -> JobStore:
+    """Continue a stopped job from what is durable in its store.
+
+    Every chunk the done-grids claim is read back first (``check_store``); damaged ones are marked
+    not done (:func:`repair`) and recomputed, so the result is the undamaged run's, bit for bit. A
+    finished, undamaged store is only read: it needs no lock (and may be read-only).
+    """
+    log = log or (lambda message: print(message, file=sys.stderr))
     store = JobStore.open(path)
+    if _finished(store.manifest):
+        report = check_store(store)
+        if report.ok:
+            return store
     store.acquire_lock()
     try:
         removed = store.clean_partials()
         if removed:
-            print(f"removed {removed} unfinished chunk file(s) left by the stopped run", file=sys.stderr)
+            log(f"removed {removed} unfinished chunk file(s) left by the stopped run")
+        report = check_store(store)
+        log(f"checked {report.checked} chunk(s): {'no damage' if report.ok else f'{len(report.damaged)} damaged'}")
+        if not report.ok:
+            repair(store, report, log=log)
         execute(store, profile, progress=progress)
     finally:
         store.release_lock()
+    _rebuild_pyramid(store)
     return store
+
+
+def _finished(manifest: dict) -> bool:
+    pyramid = manifest.get("output_pyramid")
+    pyramid_done = not pyramid or pyramid.get("levels_done") == len(pyramid.get("shapes", []))
+    return manifest.get("status") == "complete" and bool(manifest.get("output_done")) and pyramid_done
+
+
+def _rebuild_pyramid(store: JobStore) -> None:
+    """An output pyramid an export had built, and that :func:`repair` cut back, is built again."""
+    pyramid = store.manifest.get("output_pyramid")
+    if pyramid and pyramid.get("levels_done") != len(pyramid.get("shapes", [])):
+        from gigasid.io.output_pyramid import ensure_output_pyramid
+
+        ensure_output_pyramid(store)
+
+
+def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
+    """Mark what ``report`` found damaged as not done, so that :func:`execute` recomputes it.
+
+    A damaged chunk a stage wrote: that stage of that tile again. Damage in what a stage reads
+    (the previous stage's buffer) or in a done-grid: the whole scale again (its earlier values
+    are overwritten by then). The output's tiles and pyramid levels likewise. Sampling is a
+    function of (seed, position), so the recomputed chunks are the lost ones, bit for bit. What
+    only the source image gives back (reference, latents, codec, index) raises instead.
+    """
+    log = log or (lambda message: print(message, file=sys.stderr))
+    if report.fatal:
+        raise report.error()
+    manifest = store.manifest
+    scales_done = list(manifest["scales_done"])
+    for scale, damage in sorted(report.scales.items()):
+        done = store.array(f"scales/{scale}/done")
+        if damage.given:
+            _write_given_coarsest(store)
+            log(f"scale {scale}: rewrote its given coarsest values")
+            continue
+        if damage.restart:
+            done[...] = 0  # whole-array write: a damaged done-grid chunk is never read
+            log(f"scale {scale}: the values its stage {damage.stage} reads are damaged: recomputing the scale")
+        else:
+            for i, j in sorted(damage.tiles):
+                done[damage.stage, i, j] = 0
+            log(f"scale {scale}: recomputing {len(damage.tiles)} tile(s) of stage {damage.stage}")
+        if scale in scales_done:
+            scales_done.remove(scale)
+    changes = {"scales_done": scales_done}
+    if report.output_grid or report.output_tiles:
+        done = store.array("output_done")
+        if report.output_grid:
+            done[...] = 0
+        for i, j in sorted(report.output_tiles):
+            done[i, j] = 0
+        changes["output_done"] = False
+        log(f"output: recomputing {'every tile' if report.output_grid else f'{len(report.output_tiles)} tile(s)'}")
+    if report.pyramid_levels_ok is not None:
+        changes["output_pyramid"] = {**manifest["output_pyramid"], "levels_done": report.pyramid_levels_ok}
+        log(f"output pyramid: rebuilding from level {report.pyramid_levels_ok + 1}")
+    if changes.get("output_done") is False or scales_done != manifest["scales_done"]:
+        changes["status"] = "repairing"
+    store.update_manifest(**changes)
 
 
 def read_output(store: JobStore) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gigasid.config import from_mapping, read_preset
-from gigasid.errors import ConfigError
+from gigasid.errors import ConfigError, InputError
 
 SCHEDULERS_DIR = Path(__file__).resolve().parent.parent.parent / "schedulers"
 
@@ -38,6 +38,8 @@ class Profile:
     memory_limit: str | None = None
     #: scheduler address for kind: cluster, e.g. tcp://10.0.0.5:8786
     address: str | None = None
+    #: seconds to wait for the scheduler of kind: cluster to answer before giving up
+    connect_timeout: float = field(default=10.0, metadata={"range": (0.1, 3600.0)})
 
     def __post_init__(self) -> None:
         if self.kind == "cluster" and not self.address:
@@ -107,7 +109,15 @@ class DistributedExecutor:
             self.client = Client(self.cluster)
             parallel = workers * profile.threads_per_worker
         else:
-            self.client = Client(profile.address)
+            try:
+                self.client = Client(profile.address, timeout=profile.connect_timeout)
+            except (OSError, TimeoutError, ValueError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise InputError(
+                    f"cannot reach the Dask scheduler at {profile.address} within {profile.connect_timeout:g} s "
+                    f"({reason[:160]}); check that it runs and the address, or raise connect_timeout in the "
+                    "profile. Nothing was computed: a job store already created is kept for `gigasid resume`"
+                ) from None
             parallel = sum(self.client.nthreads().values()) or 1
         self.threads = _compute_threads(profile, parallel)
 

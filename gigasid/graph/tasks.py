@@ -18,7 +18,7 @@ from gigasid.codecs import decode_box
 from gigasid.codecs import from_state as codec_from_state
 from gigasid.config import JobConfig, from_mapping
 from gigasid.core.noise_schedule import make_noise_schedule
-from gigasid.io.store import JobStore, read_box
+from gigasid.io.store import JobStore, read_box, stage_buffers
 from gigasid.tiling.tile_step import ScaleStepper
 
 Box = tuple[int, int, int, int]
@@ -59,20 +59,13 @@ def scale_stepper(path: str, scale: int) -> ScaleStepper:
     )
 
 
-def buffer_names(scale: int, stage: int, num_steps: int) -> tuple[str | None, str]:
-    """(read, write) array names of a stage: see ``io.store``."""
-    write = f"scales/{scale}/final" if stage == num_steps else f"scales/{scale}/x{stage % 2}"
-    read = None if stage == 0 else f"scales/{scale}/x{(stage - 1) % 2}"
-    return read, write
-
-
 def run_tile(path: str, scale: int, stage: int, box: Box) -> tuple[int, int, Box, float]:
     """Compute one tile of one stage and write its chunk; returns its identity and the seconds
     spent computing (the rest of the task's time is reading, writing and scheduling)."""
     store = open_store(path)
     stepper = scale_stepper(path, scale)
     num_steps = len(stepper.alphas) - 1
-    read, write = buffer_names(scale, stage, num_steps)
+    read, write = stage_buffers(scale, stage, num_steps)
     r0, c0, r1, c1 = box
     started = time.perf_counter()
     if stage == 0:

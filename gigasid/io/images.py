@@ -25,6 +25,7 @@ import numpy.typing as npt
 import pyvips
 
 from gigasid.errors import InputError
+from gigasid.io.disk import disk_full, is_disk_full, owner_tag, remove_stale
 
 __all__ = [
     "READ_SUFFIXES",
@@ -79,7 +80,7 @@ def read_image(path: StrPath) -> npt.NDArray[np.float32]:
         raw = image.numpy()
     except pyvips.Error as error:
         raise InputError(f"cannot read {path_str} as an image: {_short_reason(error, path_str)}") from None
-    return _normalise(raw, scale)
+    return _normalise(raw, scale, path_str)
 
 
 def _open(path: StrPath) -> tuple[pyvips.Image, float | None, str]:
@@ -104,7 +105,12 @@ def _open(path: StrPath) -> tuple[pyvips.Image, float | None, str]:
     return image, scale, path_str
 
 
-def _normalise(raw: np.ndarray, scale: float | None) -> npt.NDArray[np.float32]:
+# Float samples are taken to be in [0, 1]; a little outside is clipped (filter overshoot), but
+# values far outside mean another convention (0-255, HDR) that clipping would turn white or black.
+_FLOAT_RANGE = (-1.0, 2.0)
+
+
+def _normalise(raw: np.ndarray, scale: float | None, path: str = "the image") -> npt.NDArray[np.float32]:
     if raw.size == 0:
         raise InputError("the image is empty (0 pixels); give a non-empty image")
     if raw.ndim == 2:
@@ -112,6 +118,13 @@ def _normalise(raw: np.ndarray, scale: float | None) -> npt.NDArray[np.float32]:
     array = raw.astype(np.float32)
     if scale is not None:
         array /= np.float32(scale)
+    else:
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        if not (np.isfinite(low) and np.isfinite(high)) or low < _FLOAT_RANGE[0] or high > _FLOAT_RANGE[1]:
+            raise InputError(
+                f"{path} has float samples from {low:g} to {high:g}; gigasid reads float images with values "
+                "in [0, 1]: scale it to [0, 1], or save it with 8 or 16-bit integer samples"
+            )
     np.clip(array, 0.0, 1.0, out=array)
     return array
 
@@ -133,7 +146,7 @@ def read_strips(path: StrPath, rows: int = 256) -> Iterator[tuple[int, npt.NDArr
             height = min(rows, image.height - top)
             data = region.fetch(0, top, image.width, height)
             raw = np.frombuffer(data, dtype=dtype).reshape(height, image.width, image.bands)
-            yield top, _normalise(raw, scale)
+            yield top, _normalise(raw, scale, path_str)
     except pyvips.Error as error:
         raise InputError(f"cannot read {path_str} as an image: {_short_reason(error, path_str)}") from None
 
@@ -158,11 +171,14 @@ def write_image(path: StrPath, image: npt.ArrayLike) -> None:
     interpretation = "b-w" if pixels.shape[2] == 1 else "srgb"
     vips_image = pyvips.Image.new_from_array(pixels, interpretation=interpretation)
     folder, name = os.path.split(path_str)
-    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+    remove_stale(Path(folder or "."), f".{name}.")  # left by a killed write of the same name
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.{owner_tag()}.tmp{suffix}")
     try:
         vips_image.write_to_file(temporary, **_SAVE_OPTIONS[suffix])
         os.replace(temporary, path_str)
     except pyvips.Error as error:
+        if is_disk_full(error):
+            raise disk_full(folder or ".") from None
         raise InputError(f"cannot write {path_str}: {_short_reason(error, temporary)}") from None
     finally:
         if os.path.lexists(temporary):

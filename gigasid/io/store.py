@@ -16,29 +16,148 @@ Layout (DESIGN.md §5)::
       output                    uint8 (C, H, W): the pixel image, chunk = output tile
       .lock                     the writer's pid while a process writes the store
 
+Every chunk ends in a CRC-32C of its bytes (Zarr v3's ``crc32c`` codec after zstd), and every
+chunk is written even when it holds only the fill value (``write_empty_chunks``), so a chunk that
+should be there and is not is damage, not zeros. A store opened with :meth:`JobStore.open` reads
+through :class:`VerifiedLocalStore`: a missing chunk (other than a done-grid's, where absence means
+"not done") or one whose checksum fails raises :class:`~gigasid.errors.StoreDamagedError` naming
+it, instead of reading as the fill value. ``gigasid.io.store_check`` reads every chunk the
+done-grids claim up front.
+
 Stage k of a scale: k = 0 writes x_T into x0; k = 1..T is the step from t = T - k + 1, reading
 buffer (k - 1) % 2 and writing buffer k % 2, the last step writing ``final``. A tile of a stage
 counts as done only when its chunk is durable and the driver has set its ``done`` entry, so a
 killed job redoes at most the tiles in flight. Zarr's LocalStore writes ``*.partial`` files and
-renames them: a chunk is never torn, and :meth:`JobStore.clean_partials` removes leftovers.
-Formats only: no Dask, no sampling.
+renames them: a chunk is never torn by a kill, and :meth:`JobStore.clean_partials` removes
+leftovers; what the disk itself loses or garbles the checksums catch. Formats only: no Dask, no
+sampling.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.storage import LocalStore
 
-from gigasid.errors import InputError
+from gigasid.errors import InputError, StoreDamagedError
+from gigasid.io.disk import pid_alive
 
-FORMAT = 1  # bump when the layout changes; older stores are refused with a clear message
-_COMPRESSORS = [ZstdCodec(level=1)]  # natural-image floats barely compress: keep it cheap
+# bump when the layout changes; older stores are refused with a clear message
+# (2: every chunk carries a crc32c checksum and is written even when empty)
+FORMAT = 2
+# zstd: natural-image floats barely compress, keep it cheap; crc32c last, over the stored bytes
+_COMPRESSORS = [ZstdCodec(level=1), Crc32cCodec()]
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+# "<array path>/c/<i>/<j>/...": Zarr v3's default chunk key encoding
+_CHUNK_KEY = re.compile(r"^(?P<array>.+)/c/\d+(/\d+)*$")
+
+
+def chunk_array(key: str) -> str | None:
+    """The array path of a chunk key, or None for a metadata key (``zarr.json``)."""
+    match = _CHUNK_KEY.match(key)
+    return match.group("array") if match else None
+
+
+def may_be_absent(array: str) -> bool:
+    """Done-grids are written one entry at a time: a chunk never written means "nothing done"."""
+    return array == "output_done" or array.endswith("/done")
+
+
+def chunk_problem(data: bytes | None) -> str | None:
+    """Why a stored chunk cannot be trusted (None: it can): absent, too short, or its trailing
+    CRC-32C does not match its bytes."""
+    if data is None:
+        return "missing"
+    if len(data) < 4:
+        return f"truncated ({len(data)} bytes)"
+    if np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:]:
+        return "checksum mismatch"
+    return None
+
+
+class VerifiedLocalStore(LocalStore):
+    """Zarr's LocalStore, except that reading a chunk that should exist and does not, or whose
+    checksum fails, raises :class:`StoreDamagedError` instead of giving the fill value or a codec
+    traceback. ``strict=False`` while a store is being created, when partial first writes may
+    legitimately read chunks not yet written."""
+
+    def __init__(self, root, *, read_only: bool = False, strict: bool = True):
+        super().__init__(root, read_only=read_only)
+        self.strict = strict
+
+    def with_read_only(self, read_only: bool = False):
+        return type(self)(self.root, read_only=read_only, strict=self.strict)
+
+    def _verified(self, key: str, buffer, byte_range):
+        array = chunk_array(key)
+        if not self.strict or array is None or (buffer is None and may_be_absent(array)):
+            return buffer
+        problem = chunk_problem(None if buffer is None else buffer.to_bytes()) if byte_range is None else None
+        if buffer is None:
+            problem = "missing"
+        if problem:
+            raise StoreDamagedError(str(self.root), [f"{key} ({problem})"])
+        return buffer
+
+    async def get(self, key, prototype=None, byte_range=None):
+        return self._verified(key, await super().get(key, prototype, byte_range), byte_range)
+
+    def get_sync(self, key, *, prototype=None, byte_range=None):
+        return self._verified(key, super().get_sync(key, prototype=prototype, byte_range=byte_range), byte_range)
+
+
+def stage_buffers(scale: int, stage: int, num_steps: int) -> tuple[str | None, str]:
+    """(read, write) array names of a stage of a scale (see the module docstring)."""
+    write = f"scales/{scale}/final" if stage == num_steps else f"scales/{scale}/x{stage % 2}"
+    read = None if stage == 0 else f"scales/{scale}/x{(stage - 1) % 2}"
+    return read, write
+
+
+# manifest keys and the types they must have when present (a damaged or hand-edited manifest is
+# refused here with its key's name, not by a TypeError deep in the engine)
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "version": (str,), "status": (str,), "source": (str,), "config": (dict,), "seed": (int,),
+    "size": (list,), "tile": (int,), "halo": (int,), "channels": (int,), "image_channels": (int,),
+    "factor": (int,), "output_tile": (int,), "dataset": (str,), "output_done": (bool,),
+    "scales_done": (list,), "output_shapes": (list,), "reference_shapes": (list,),
+    "pixel_reference_shapes": (list,), "timings": (dict,), "setup_timings": (dict,),
+    "compute_seconds": (dict,), "output_pyramid": (dict, type(None)), "index_checksums": (dict,),
+}
+# what a job store (not the synthetic stores of io.testing) must hold
+_JOB_KEYS = ("config", "seed", "size", "tile", "halo", "channels", "output_shapes", "reference_shapes",
+             "scales_done", "output_done", "status")
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    def bad(key: str, expected: str) -> InputError:
+        return InputError(
+            f"{path}: the manifest's {key!r} is {manifest.get(key)!r}, expected {expected}; the store's "
+            "zarr.json is damaged or was edited: restore it, or run the job again"
+        )
+
+    for key, types in _MANIFEST_TYPES.items():
+        value = manifest.get(key)
+        if key in manifest and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise bad(key, " or ".join("null" if t is type(None) else t.__name__ for t in types))
+    if "config" in manifest:
+        for key in _JOB_KEYS:
+            if key not in manifest:
+                raise InputError(f"{path}: the manifest has no {key!r}; the store's zarr.json is damaged: run the job again")
+        for key in ("size", "output_shapes", "reference_shapes", "scales_done"):
+            value = manifest[key]
+            shapes = [value] if key == "size" else value if key != "scales_done" else [[v] for v in value]
+            if not all(isinstance(s, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in s)
+                       for s in shapes):
+                raise bad(key, "a list of non-negative integers" if key != "output_shapes" else "a list of [rows, cols]")
 
 
 class JobStore:
@@ -53,11 +172,11 @@ class JobStore:
     def create(cls, path: str | Path, manifest: dict) -> JobStore:
         path = Path(path)
         if path.exists():
-            raise InputError(f"{path} already exists; remove it, or continue it with `gigasid resume {path}`")
+            raise exists_error(path)
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise InputError(f"cannot create {path}: directory {parent} does not exist or is not writable")
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = zarr.open_group(store=VerifiedLocalStore(path, strict=False), mode="w", zarr_format=3)
         store = cls(path, group)
         store.write_manifest({**manifest, "format": FORMAT})
         return store
@@ -67,7 +186,21 @@ class JobStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise InputError(f"{path} is not a gigasid job store (no zarr.json)")
-        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        try:
+            meta = json.loads((path / "zarr.json").read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(
+                f"{path}/zarr.json (the store's manifest) is not valid JSON ({type(error).__name__}: "
+                f"{str(error).splitlines()[0]}); it is damaged and cannot be repaired: run the job again"
+            ) from None
+        except OSError as error:
+            raise InputError(f"cannot read {path}/zarr.json: {error.strerror}") from None
+        if not isinstance(meta, dict) or meta.get("node_type") != "group":
+            raise InputError(f"{path} is not a gigasid job store (its zarr.json is not a Zarr group's)")
+        try:
+            group = zarr.open_group(store=VerifiedLocalStore(path), mode="r+", zarr_format=3)
+        except (ValueError, TypeError, KeyError) as error:
+            raise InputError(f"{path}/zarr.json is not a readable Zarr v3 group ({error}); run the job again") from None
         manifest = group.attrs.get("gigasid")
         if not isinstance(manifest, dict):
             raise InputError(f"{path} is a Zarr group but not a gigasid job store (no manifest)")
@@ -76,6 +209,7 @@ class JobStore:
                 f"{path} was written by a gigasid with store format {manifest.get('format')}; this version "
                 f"reads format {FORMAT}: rerun the job with this version"
             )
+        _check_manifest(path, manifest)
         return cls(path, group)
 
     # ---- manifest (driver only) -----------------------------------------------------------
@@ -102,11 +236,18 @@ class JobStore:
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                host, _, pid = lock.read_text().strip().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+                host, _, pid = lock.read_text(errors="replace").strip().partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and pid_alive(int(pid)):
                     raise InputError(f"{self.path} is being written by another gigasid process (pid {pid})") from None
                 lock.unlink(missing_ok=True)  # stale: its writer died
                 continue
+            except OSError as error:
+                if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise InputError(
+                        f"{self.path} is not writable ({error.strerror}), so it cannot be changed; "
+                        "make it writable, or copy it somewhere writable"
+                    ) from None
+                raise
             with os.fdopen(fd, "w") as handle:
                 handle.write(me)
             return
@@ -119,8 +260,8 @@ class JobStore:
 
         lock = path / ".lock"
         if lock.is_file():
-            host, _, pid = lock.read_text().strip().partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+            host, _, pid = lock.read_text(errors="replace").strip().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and pid_alive(int(pid)):
                 raise InputError(f"{path} is being created by another gigasid process (pid {pid})")
         shutil.rmtree(path)
 
@@ -137,12 +278,20 @@ class JobStore:
 
     # ---- arrays ---------------------------------------------------------------------------
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        try:
+            array = self.group[name]
+        except KeyError:
+            raise StoreDamagedError(str(self.path), [f"{name}/zarr.json (missing)"], repairable=False,
+                                    reason="missing") from None
+        except (ValueError, TypeError) as error:  # unreadable array metadata
+            raise StoreDamagedError(str(self.path), [f"{name}/zarr.json ({type(error).__name__})"],
+                                    repairable=False, reason="unreadable") from None
+        return array.with_config(_ARRAY_CONFIG)
 
     def create_array(self, name: str, shape, chunks, dtype, *, fill_value=0) -> zarr.Array:
         return self.group.create_array(
             name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill_value,
-            compressors=_COMPRESSORS, overwrite=True,
+            compressors=_COMPRESSORS, overwrite=True, config=_ARRAY_CONFIG,
         )
 
     def save_codec(self, state: dict) -> None:
@@ -150,7 +299,8 @@ class JobStore:
         plain = {}
         for key, value in state.items():
             if isinstance(value, np.ndarray):
-                self.group.create_array(f"codec/{key}", data=value, overwrite=True)
+                self.group.create_array(f"codec/{key}", data=value, overwrite=True, compressors=_COMPRESSORS,
+                                        config=_ARRAY_CONFIG)
             else:
                 plain[key] = value
         self.group.attrs["codec"] = json.loads(json.dumps(plain))
@@ -162,22 +312,26 @@ class JobStore:
             return None
         state = dict(plain)
         if "codec" in self.group:
-            for key, array in self.group["codec"].arrays():
-                state[key] = array[...]
+            for key, _ in self.group["codec"].arrays():
+                state[key] = self.array(f"codec/{key}")[...]
         return state
 
     def index_dir(self, scale: int) -> Path:
         return self.path / "index" / str(scale)
 
 
-def _alive(pid: int) -> bool:
+def exists_error(path: Path) -> InputError:
+    """Why a new job cannot be written at an existing ``path``; ``resume`` is offered only for a
+    gigasid job store."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        meta = json.loads((path / "zarr.json").read_bytes())
+        is_store = isinstance(meta, dict) and "gigasid" in meta.get("attributes", {})
+    except (OSError, ValueError):
+        is_store = False
+    if is_store:
+        return InputError(f"{path} already exists; remove it, or continue it with `gigasid resume {path}`")
+    kind = "folder" if path.is_dir() else "file"
+    return InputError(f"{path} already exists and is a {kind}, not a gigasid job store; choose another name or remove it")
 
 
 def read_box(array: zarr.Array, box: tuple[int, int, int, int], *, periodic: bool) -> np.ndarray:

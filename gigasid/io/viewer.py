@@ -38,7 +38,9 @@ __all__ = ["DeepZoomFolder", "StoreTiles", "make_server", "open_source", "serve"
 
 STATIC = Path(__file__).resolve().parent / "viewer_static" / "openseadragon"
 TILE_SIZE, OVERLAP, QUALITY = 256, 1, 90  # tiles served from a store: those of a default export
-_TILE_URL = re.compile(r"^/image_files/(\d+)/(\d+)_(\d+)\.(jpeg|png)$")
+# at most 9 digits each: a longer number is no tile of any image (and int() of thousands of digits
+# raises), so such a URL is simply not found
+_TILE_URL = re.compile(r"^/image_files/(\d{1,9})/(\d{1,9})_(\d{1,9})\.(jpeg|png)$")
 _TYPES = {".js": "text/javascript", ".png": "image/png", ".jpeg": "image/jpeg", ".txt": "text/plain"}
 
 PAGE = """<!doctype html>
@@ -115,10 +117,16 @@ class StoreTiles:
     """The DeepZoom tiles of a finished job store, cut from its output pyramid on request."""
 
     def __init__(self, path: Path, log=print):
+        from gigasid.io.exporters import store_errors
         from gigasid.io.output_pyramid import ensure_output_pyramid, open_finished_store
+        from gigasid.io.store_check import check_store
 
         store = open_finished_store(path)
-        self.levels = ensure_output_pyramid(store, progress=lambda k, n: log(f"output pyramid: level {k}/{n} built"))
+        with store_errors(store):
+            self.levels = ensure_output_pyramid(store, progress=lambda k, n: log(f"output pyramid: level {k}/{n} built"))
+        report = check_store(store, output_only=True)  # every served tile is cut from these chunks
+        if not report.ok:
+            raise report.error()
         _, self.height, self.width = self.levels[0].shape
         self.top = max_level(self.height, self.width)
         self.format = "jpeg"

@@ -10,7 +10,9 @@
 :func:`export` is the one entry point: it checks the options and the destination, opens the store
 (refusing an unfinished job), checks the image fits the format, builds the store's output pyramid
 if it is not there yet (``gigasid.io.output_pyramid``; shared by every exporter and the viewer) and
-streams the chosen exporter's output into place atomically. :func:`check_export` does the first two
+streams the chosen exporter's output into place atomically (a damaged chunk of the store is
+reported with all the others, a full disk as one line: :func:`store_errors`; temporaries that
+killed exports of the same name left are removed first). :func:`check_export` does the first two
 checks alone, so that ``gigasid generate --export`` can fail before the job runs. Every user
 mistake raises a :class:`~gigasid.errors.GigasidError` with a one-line message.
 
@@ -21,12 +23,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gigasid.errors import InputError
+from gigasid.errors import InputError, StoreDamagedError
+from gigasid.io.disk import disk_full, is_disk_full
 from gigasid.io.exporters.base import COMPRESSIONS, Exporter, ExportOptions, Log
 from gigasid.io.exporters.deepzoom import DeepZoomExporter
+from gigasid.io.exporters.files import remove_stale_siblings
 from gigasid.io.exporters.flat import JpegExporter, PngExporter
 from gigasid.io.exporters.ome_zarr import OmeZarrExporter
 from gigasid.io.exporters.tiff import TiffExporter
@@ -40,6 +46,7 @@ __all__ = [
     "check_export",
     "export",
     "exporter_for",
+    "store_errors",
 ]
 
 EXPORTERS: tuple[Exporter, ...] = (TiffExporter(), DeepZoomExporter(), OmeZarrExporter(), PngExporter(), JpegExporter())
@@ -95,6 +102,8 @@ def export(
             raise InputError(f"cannot export to {target}: it is the job store itself or inside it; choose another path")
     store = open_finished_store(store_path)
     exporter.check_image(tuple(store.array("output").shape), settings)
+    for target in exporter.outputs(output):  # what killed exports of this name left behind
+        remove_stale_siblings(target)
     started = time.perf_counter()
     built = []
 
@@ -102,9 +111,28 @@ def export(
         built.append(level)
         log(f"output pyramid: level {level}/{count} built")
 
-    levels = ensure_output_pyramid(store, progress=level_built)
-    # 0 when the pyramid was already there (not a timing: a loaded machine must not make it look built)
-    pyramid_seconds = time.perf_counter() - started if built else 0.0
-    started = time.perf_counter()
-    resolutions = exporter.write(levels, output, settings, log)
+    with store_errors(store, output):
+        levels = ensure_output_pyramid(store, progress=level_built)
+        # 0 when the pyramid was already there (not a timing: a loaded machine must not make it look built)
+        pyramid_seconds = time.perf_counter() - started if built else 0.0
+        started = time.perf_counter()
+        resolutions = exporter.write(levels, output, settings, log)
     return ExportReport(output, exporter.name, resolutions, pyramid_seconds, time.perf_counter() - started)
+
+
+@contextmanager
+def store_errors(store, output: Path | None = None) -> Iterator[None]:
+    """Reading a finished store's image: a damaged chunk is reported with every other damaged one
+    of the output and its pyramid (read back in full only then), and a full disk as one line."""
+    from gigasid.io.store_check import check_store
+
+    try:
+        yield
+    except StoreDamagedError as error:
+        report = check_store(store, output_only=True)
+        raise (report.error() if not report.ok else error) from None
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        where = store.path if output is None else (output.parent if str(output.parent) else Path("."))
+        raise disk_full(where) from None

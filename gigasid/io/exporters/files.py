@@ -2,7 +2,8 @@
 
 Every exporter builds its output under a hidden temporary name in the destination's folder and
 renames it into place only when it is whole (a rename within one filesystem is atomic). A failure,
-Ctrl-C included, removes the temporary; a kill leaves only a hidden ``.NAME.<id>.tmp`` behind.
+Ctrl-C included, removes the temporary; a kill leaves only a hidden ``.NAME.<id>.<owner>.tmp``
+behind, which the next export of that name removes (:func:`remove_stale_siblings`).
 An existing output is replaced: a file by one ``os.replace``; a folder (DeepZoom tiles, OME-Zarr)
 is moved aside, the new one renamed in, then the old one deleted.
 
@@ -19,12 +20,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_file", "hidden_sibling"]
+from gigasid.io.disk import owner_tag, remove_stale
+
+__all__ = ["atomic_directory", "atomic_file", "hidden_sibling", "remove_stale_siblings"]
 
 
 def hidden_sibling(path: Path, tag: str) -> Path:
-    """A fresh hidden name beside ``path``: ``.NAME.<random>.<tag>``."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{tag}")
+    """A fresh hidden name beside ``path``: ``.NAME.<random>.<owner>.<tag>``, the owner naming this
+    process (``gigasid.io.disk.owner_tag``) so that a later run can tell a dead one's leftovers."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{owner_tag()}.{tag}")
+
+
+def remove_stale_siblings(path: Path) -> int:
+    """Remove the temporaries of ``path`` that killed runs left (their process is dead)."""
+    return remove_stale(path.parent if str(path.parent) else Path("."), f".{path.name}.")
 
 
 def _remove(path: Path) -> None:

@@ -1,0 +1,225 @@
+"""Reading back what a job store claims: ``gigasid check``, and the first thing ``resume`` does.
+
+A store's done-grids and manifest claim that chunks are durable; this module reads each claimed
+chunk's bytes and checks its CRC-32C (``gigasid.io.store``), without decoding it, and reports what
+is missing or corrupt in terms the driver can act on:
+
+* the reference pyramid, its latents and the fitted codec (every chunk: any recomputation reads
+  them) and the index files (their CRC-32C recorded in the manifest when they were built). Only the
+  source image can give these back: damage here is not repairable from the store;
+* per scale, the chunks the next stage relies on: the buffer the stage in progress writes (its
+  done tiles), the buffer it reads (every tile: the previous stage's values), ``final`` of a
+  finished scale (and then the buffer of its last step, needed to recompute a final tile), the last
+  step's ``matches``/``weights`` of a latent job, and the done-grid itself;
+* the uint8 output's chunks that ``output_done`` marks, and the built output-pyramid levels.
+
+Not here: repairing (``gigasid.graph.engine.repair``: the driver alone writes done-grids) or
+reading through Zarr (``gigasid.io.store.VerifiedLocalStore`` does that check on every read).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from gigasid.errors import StoreDamagedError
+from gigasid.io.store import JobStore, chunk_problem, stage_buffers
+
+__all__ = ["CheckReport", "ScaleDamage", "check_store", "file_checksums"]
+
+Tile = tuple[int, int]
+
+
+@dataclass
+class ScaleDamage:
+    """What is wrong with one scale's state, and so which of its stages must run again."""
+
+    stage: int  # the stage whose damaged tiles are to be redone (num_steps for a finished scale)
+    tiles: set[Tile] = field(default_factory=set)  # tiles whose chunk written by ``stage`` is damaged
+    restart: bool = False  # the values ``stage`` reads are damaged (or the done-grid): redo the scale
+    given: bool = False  # retarget's coarsest scale, written at creation: write it again
+
+
+@dataclass
+class CheckReport:
+    path: Path
+    checked: int = 0  # chunks (and index files) read
+    damaged: list[str] = field(default_factory=list)  # "key (reason)", in the order found
+    fatal: list[str] = field(default_factory=list)  # the damaged ones the store cannot recompute
+    scales: dict[int, ScaleDamage] = field(default_factory=dict)
+    output_tiles: set[Tile] = field(default_factory=set)
+    output_grid: bool = False  # output_done itself is unreadable: every output tile is redone
+    pyramid_levels_ok: int | None = None  # output-pyramid levels still good when one is damaged
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+    def error(self) -> StoreDamagedError:
+        if self.fatal:
+            return StoreDamagedError(str(self.path), self.fatal, repairable=False)
+        return StoreDamagedError(str(self.path), self.damaged)
+
+
+class _Reader:
+    def __init__(self, store: JobStore, report: CheckReport):
+        self.store, self.report = store, report
+
+    def chunk(self, key: str, *, fatal: bool = False, absent_ok: bool = False) -> bool:
+        """Read one chunk file and check it; False (and recorded) when it is damaged."""
+        try:
+            data = (self.store.path / key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            if absent_ok:
+                return True
+            data = None
+        self.report.checked += 1
+        problem = chunk_problem(data)
+        if problem is None:
+            return True
+        self.report.damaged.append(f"{key} ({problem})")
+        if fatal:
+            self.report.fatal.append(f"{key} ({problem})")
+        return False
+
+    def array(self, name: str):
+        """The array, or None (recorded as unrepairable) when its metadata is unreadable."""
+        try:
+            return self.store.array(name)
+        except StoreDamagedError as error:
+            self.report.damaged.extend(error.damaged)
+            self.report.fatal.extend(error.damaged)
+            return None
+
+    def chunks(self, name: str, coords=None, *, fatal: bool = False, absent_ok: bool = False) -> set[tuple[int, ...]]:
+        """Check chunks of array ``name`` (all of them by default); the damaged coordinates.
+        ``absent_ok``: a done-grid, whose chunks are written when the first entry is set."""
+        array = self.array(name)
+        if array is None:
+            return set(coords) if coords is not None else {()}
+        if coords is None:
+            grid = [range(math.ceil(s / c)) for s, c in zip(array.shape, array.chunks)]
+            coords = itertools.product(*grid)
+        damaged = set()
+        for coord in coords:
+            if not self.chunk(f"{name}/{array.metadata.encode_chunk_key(tuple(coord))}", fatal=fatal, absent_ok=absent_ok):
+                damaged.add(tuple(coord))
+        return damaged
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """CRC-32C (hex) of every file under ``folder``, by path relative to it (index files)."""
+    sums = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        crc = 0
+        with path.open("rb") as handle:
+            while block := handle.read(16 * 2**20):
+                crc = google_crc32c.extend(crc, block)
+        sums[path.relative_to(folder).as_posix()] = f"{crc:08x}"
+    return sums
+
+
+def check_store(store: JobStore, *, output_only: bool = False) -> CheckReport:
+    """Read and verify every chunk the store's manifest and done-grids claim (see the module
+    docstring); ``output_only`` reads just the output and its pyramid (what an export reads)."""
+    report = CheckReport(store.path)
+    reader = _Reader(store, report)
+    manifest = store.manifest
+    if not output_only and "config" in manifest:
+        _check_inputs(reader, manifest)
+        for scale in range(len(manifest["output_shapes"])):
+            _check_scale(reader, manifest, scale)
+    if "output" in store.group:
+        _check_output(reader, store, manifest)
+    return report
+
+
+def _check_inputs(reader: _Reader, manifest: dict) -> None:
+    store = reader.store
+    for scale in range(len(manifest.get("pixel_reference_shapes", manifest["reference_shapes"]))):
+        reader.chunks(f"reference/{scale}", fatal=True)
+    if manifest.get("dataset") == "latent":
+        for scale in range(len(manifest["reference_shapes"])):
+            reader.chunks(f"latent/{scale}", fatal=True)
+    if "codec" in store.group:
+        for key, _ in store.group["codec"].arrays():
+            reader.chunks(f"codec/{key}", fatal=True)
+    for scale, sums in manifest.get("index_checksums", {}).items():
+        folder = store.index_dir(int(scale))
+        found = file_checksums(folder) if folder.is_dir() else {}
+        for name, crc in sums.items():
+            report = reader.report
+            report.checked += 1
+            if found.get(name) != crc:
+                problem = "missing" if name not in found else "checksum mismatch"
+                key = f"index/{scale}/{name} ({problem})"
+                report.damaged.append(key)
+                report.fatal.append(key)
+
+
+def _tile_coords(tiles, depth: int = 3) -> list[tuple[int, ...]]:
+    """Chunk coordinates of tiles (i, j) in a (C, H, W) buffer chunked like the tiles."""
+    return [(0, i, j) if depth == 3 else (i, j, 0) for i, j in tiles]
+
+
+def _check_scale(reader: _Reader, manifest: dict, scale: int) -> None:
+    steps = int(manifest["config"]["num_steps"])
+    report = reader.report
+    grid = reader.array(f"scales/{scale}/done")
+    if grid is None:
+        return
+    if reader.chunks(f"scales/{scale}/done", absent_ok=True):
+        report.scales[scale] = ScaleDamage(stage=0, restart=True)
+        return
+    done = grid[...].astype(bool)
+    every = [(i, j) for i in range(done.shape[1]) for j in range(done.shape[2])]
+    marked = scale in manifest["scales_done"]
+    coarsest = scale == len(manifest["output_shapes"]) - 1
+    if marked and coarsest and manifest["config"].get("application") == "retarget":  # given, not sampled
+        if reader.chunks(f"scales/{scale}/final", _tile_coords(every)):
+            report.scales[scale] = ScaleDamage(stage=steps, given=True)
+        return
+    stage = steps + 1 if marked else next((k for k in range(steps + 1) if not done[k].all()), steps + 1)
+    finished = stage > steps
+    current = steps if finished else stage
+    tiles = every if finished else [(i, j) for i, j in every if done[current, i, j]]
+    _, write = stage_buffers(scale, current, steps)
+    damaged = {(c[1], c[2]) for c in reader.chunks(write, _tile_coords(tiles))}
+    if current == steps and scale == 0 and "scales/0/matches" in reader.store.group:
+        matches = reader.array("scales/0/matches")
+        if matches is not None:
+            rows, cols = (math.ceil(s / c) for s, c in zip(matches.shape[:2], matches.chunks[:2]))
+            inside = [(i, j) for i, j in tiles if i < rows and j < cols]
+            for name in ("scales/0/matches", "scales/0/weights"):
+                damaged |= {(c[0], c[1]) for c in reader.chunks(name, _tile_coords(inside, depth=2))}
+    restart = False
+    # the previous stage's values: read whole by the stage in progress; for a finished scale only
+    # needed (and so only read) when a final tile has to be recomputed
+    if current >= 1 and (damaged or not finished):
+        previous, _ = stage_buffers(scale, current, steps)
+        restart = bool(reader.chunks(previous, _tile_coords(every)))
+    if damaged or restart:
+        report.scales[scale] = ScaleDamage(stage=current, tiles=damaged, restart=restart)
+
+
+def _check_output(reader: _Reader, store: JobStore, manifest: dict) -> None:
+    report = reader.report
+    if "output_done" in store.group:
+        if reader.chunks("output_done"):
+            report.output_grid = True
+            return
+        done = np.asarray(store.array("output_done")[...], bool)
+        tiles = [(i, j) for i in range(done.shape[0]) for j in range(done.shape[1]) if done[i, j]]
+        report.output_tiles = {(c[1], c[2]) for c in reader.chunks("output", _tile_coords(tiles))}
+    elif manifest.get("output_done"):  # a store without done-grids (io.testing): the whole output
+        report.output_tiles = {(c[1], c[2]) for c in reader.chunks("output")}
+    pyramid = manifest.get("output_pyramid") or {}
+    for level in range(1, int(pyramid.get("levels_done", 0)) + 1):
+        if reader.chunks(f"output_pyramid/{level}"):
+            report.pyramid_levels_ok = level - 1
+            break
