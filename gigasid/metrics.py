@@ -1,6 +1,6 @@
-"""Quality metrics that need no downloaded network: fidelity, diversity and copying.
+"""Quality metrics that need no downloaded network: fidelity, diversity, copying, detail, usage.
 
-Three questions a single-image generator must answer, one function each:
+The questions a single-image generator must answer, one function each:
 
 - fidelity: ``patch_swd`` (per level: ``patch_swd_levels``), the multi-scale patch sliced
   Wasserstein distance of Karras et al. 2018 ("Progressive Growing of GANs", Sec. 5 and App. D):
@@ -10,6 +10,15 @@ Three questions a single-image generator must answer, one function each:
 - copying: ``largest_copied_region``, the area of the largest region of a sample that is a
   verbatim crop of the reference (one source offset for the whole region). A low SWD with a
   huge copied region is memorisation, not generation.
+- detail: ``detail_retention``, the mean gradient magnitude of the sample's gray over the
+  reference's. The method only rearranges the reference's patches, so a sample well below 1 is
+  blurred; ``fog_map`` says where: regions whose fine detail is far below what the reference holds
+  for similar coarse content (the reference's own smooth regions — sky, water — set a low
+  expectation and never count as fog).
+- source usage: ``source_usage``, how evenly a sample draws on the reference — the share of the
+  sample matched to the reference's 1 % most-used regions, the reference coverage, and the
+  strongest periodic repetition in the sample's autocorrelation. A large output built from one
+  small region repeated on a lattice has collapsed even when every patch is sharp.
 
 What this is not: no learned features (no SIFID, LPIPS, NIQE: they need network weights), no file
 I/O, no tiling or streaming. Everything runs in memory on whole images on the CPU with numpy and
@@ -27,6 +36,7 @@ in ``gigasid.core``. Bad images raise ``ValueError``; bad options raise
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,10 +46,15 @@ from scipy import ndimage
 from gigasid.errors import ConfigError
 
 __all__ = [
+    "FogMap",
+    "SourceUsage",
+    "detail_retention",
+    "fog_map",
     "largest_copied_region",
     "patch_swd",
     "patch_swd_levels",
     "pixel_diversity",
+    "source_usage",
 ]
 
 # ITU-R BT.601 luma weights, the usual "gray" of an RGB image (and SinGAN's diversity input).
@@ -505,3 +520,249 @@ def largest_copied_region(
         if overlap > best:
             best = max(best, _largest_region_at(img, ref, dr, dc, patch_size, tolerance))
     return best
+
+
+# --------------------------------------------------------------------------------------------
+# detail: how much of the reference's fine detail survives, and where it was lost
+
+
+def _gradient_magnitude(gray: np.ndarray) -> np.ndarray:
+    """(H-1, W-1) |∇| of a 2-D array from forward differences (the finest scale an image has)."""
+    dy = np.diff(gray, axis=0)[:, :-1]
+    dx = np.diff(gray, axis=1)[:-1, :]
+    return np.hypot(dx, dy)
+
+
+def detail_retention(image: npt.ArrayLike, reference: npt.ArrayLike) -> float:
+    """Mean |∇| of the image's gray over the reference's: 1.0 keeps the reference's fine detail.
+
+    Gray is luma; |∇| the magnitude of forward differences. The sampler only rearranges the
+    reference's patches, so a sample well below 1 has been blurred (averaged patches, fog); well
+    above 1 means seams or noise. Sizes may differ.
+    """
+    img = _as_image(image, "image")
+    ref = _as_image(reference, "reference")
+    _check_channels(img, ref)
+    _check_fits(img, "image", 2, "a gradient's support")
+    _check_fits(ref, "reference", 2, "a gradient's support")
+    ref_detail = float(_gradient_magnitude(_gray(ref)).mean())
+    if ref_detail == 0.0:
+        raise ValueError("reference is flat (its gradient is 0 everywhere): detail has no scale")
+    return float(_gradient_magnitude(_gray(img)).mean()) / ref_detail
+
+
+@dataclass(frozen=True)
+class FogMap:
+    """Where a sample lost the fine detail its coarse content calls for, per ``block``-px block.
+
+    ``fogged[i, j]`` marks block (i, j) (pixels [block·i, block·(i+1)) × [block·j, block·(j+1)));
+    ``detail`` is the block's mean |∇| and ``expected`` the mean |∇| the reference holds where its
+    coarse content looks like the block's, both smoothed over the 3×3 neighbouring blocks.
+    """
+
+    fogged: np.ndarray
+    detail: np.ndarray
+    expected: np.ndarray
+    block: int
+
+    @property
+    def fraction(self) -> float:
+        """The fogged share of the measured area (whole blocks)."""
+        return float(self.fogged.mean())
+
+
+def _block_grid(x: np.ndarray, block: int, stride: int) -> np.ndarray:
+    """(n_r, n_c, ...) windows of ``block`` px at ``stride`` over the leading two axes, as views."""
+    windows = np.lib.stride_tricks.sliding_window_view(x, (block, block), axis=(0, 1))
+    return windows[::stride, ::stride]
+
+
+def _block_features(img: np.ndarray, block: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: its coarse content (mean colour of its 2×2 quadrants, (n_r, n_c, 4·C)) and its
+    fine detail (mean |∇| of gray, (n_r, n_c)). Both from summed-area tables, so any stride is
+    cheap."""
+    half = block // 2
+    # mean colour of every half-block window, then the four quadrants of each block
+    sat = np.pad(img.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0), (0, 0)))
+    quad = (sat[half:, half:] - sat[:-half, half:] - sat[half:, :-half] + sat[:-half, :-half]) / (half * half)
+    n_r = (img.shape[0] - block) // stride + 1
+    n_c = (img.shape[1] - block) // stride + 1
+    rows = np.arange(n_r) * stride
+    cols = np.arange(n_c) * stride
+    parts = [quad[np.ix_(rows + dr, cols + dc)] for dr in (0, half) for dc in (0, half)]
+    coarse = np.concatenate(parts, axis=-1)
+    grad = np.pad(_gradient_magnitude(_gray(img)), ((0, 1), (0, 1)), mode="edge")
+    gsat = np.pad(grad.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    detail = (
+        gsat[np.ix_(rows + block, cols + block)] - gsat[np.ix_(rows, cols + block)]
+        - gsat[np.ix_(rows + block, cols)] + gsat[np.ix_(rows, cols)]
+    ) / (block * block)
+    return coarse, detail
+
+
+def fog_map(
+    image: npt.ArrayLike,
+    reference: npt.ArrayLike,
+    *,
+    block: int = 32,
+    ratio: float = 0.5,
+    neighbours: int = 16,
+    floor: float = 0.5,
+) -> FogMap:
+    """Blocks of ``image`` whose fine detail is far below what the reference has for such content.
+
+    Each ``block``-px block of the image is described by its coarse content (the mean colour of
+    its four quadrants); its expected detail is the median mean |∇| of the ``neighbours``
+    reference blocks (on a half-block grid) whose coarse content is nearest. A block is fogged
+    when its detail, averaged over its 3×3 neighbourhood, is below ``ratio`` times the expected
+    detail averaged the same way, and that expectation is at least ``floor`` times the
+    reference's median block detail. Smooth regions the reference has too (sky, water, a plain
+    wall) have smooth look-alikes, a low expectation, and never count; fog — the averaged colour
+    of structured content with its structure gone — looks like structured blocks coarsely and is
+    found. The neighbourhood average keeps an isolated smooth block among busy ones (which the
+    reference has too) from counting: fog is a region, not a block.
+    """
+    img = _as_image(image, "image")
+    ref = _as_image(reference, "reference")
+    _check_channels(img, ref)
+    block = _check_int(block, "block", 4)
+    neighbours = _check_int(neighbours, "neighbours", 1)
+    for name, value in (("ratio", ratio), ("floor", floor)):
+        if not isinstance(value, (int, float, np.floating)) or not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    if block % 2:
+        raise ConfigError(f"block must be even (it is split into quadrants), got {block}")
+    _check_fits(img, "image", block, "block")
+    _check_fits(ref, "reference", block, "block")
+
+    from scipy.spatial import cKDTree
+
+    ref_coarse, ref_detail = _block_features(ref, block, block // 2)
+    ref_coarse = ref_coarse.reshape(-1, ref_coarse.shape[-1])
+    ref_detail = ref_detail.ravel()
+    if float(np.median(ref_detail)) == 0.0 and float(ref_detail.max()) == 0.0:
+        raise ValueError("reference is flat (its gradient is 0 everywhere): fog has no scale")
+    coarse, detail = _block_features(img, block, block)
+    k = min(neighbours, ref_detail.size)
+    _, nearest = cKDTree(ref_coarse).query(coarse.reshape(-1, coarse.shape[-1]), k=k)
+    nearest = np.asarray(nearest).reshape(-1, k)
+    expected = np.median(ref_detail[nearest], axis=1).reshape(detail.shape)
+    detail_smooth = ndimage.uniform_filter(detail, 3, mode="nearest")
+    expected_smooth = ndimage.uniform_filter(expected, 3, mode="nearest")
+    fogged = (detail_smooth < ratio * expected_smooth) & (expected_smooth >= floor * float(np.median(ref_detail)))
+    return FogMap(fogged=fogged, detail=detail_smooth, expected=expected_smooth, block=block)
+
+
+# --------------------------------------------------------------------------------------------
+# source usage: does the sample draw on the whole reference, or repeat a small part of it?
+
+
+@dataclass(frozen=True)
+class SourceUsage:
+    """How a sample draws on its reference (see :func:`source_usage`).
+
+    ``top_share``: the share of the sample matched to the reference's 1 % most-used cells (an even
+    draw scores about 0.01·k for k matches per cell; a collapsed one scores high).
+    ``coverage``: exp(entropy) of the cell histogram over the number of cells — the share of the
+    reference that an even draw of the same spread would use (1 = perfectly even).
+    ``repetition``: the highest normalised autocorrelation of the sample's band-passed gray at a
+    shift of at least ``min_shift`` px (about 0 for a varied image, near 1 for a lattice of
+    repeats); compare with the reference's own value, since a periodic reference repeats too.
+    ``cell_counts``: the matches per reference cell, (rows, cols), for maps.
+    """
+
+    top_share: float
+    coverage: float
+    repetition: float
+    cell_counts: np.ndarray
+
+
+def _area_reduce(gray: np.ndarray, factor: int) -> np.ndarray:
+    h, w = (gray.shape[0] // factor) * factor, (gray.shape[1] // factor) * factor
+    return gray[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+
+
+def _repetition(gray: np.ndarray, min_shift: int) -> float:
+    """Highest normalised autocorrelation of the band-passed gray at shifts >= ``min_shift`` (in
+    the given array's pixels), over shifts up to half the image each way (enough overlap for a
+    stable estimate)."""
+    band = gray - ndimage.gaussian_filter(gray, 4.0, mode="reflect")
+    band = band - band.mean()
+    h, w = band.shape
+    spectrum = np.fft.rfft2(band, s=(2 * h, 2 * w))
+    corr = np.fft.irfft2(np.abs(spectrum) ** 2, s=(2 * h, 2 * w))
+    ones = np.fft.rfft2(np.ones_like(band), s=(2 * h, 2 * w))
+    overlap = np.fft.irfft2(np.abs(ones) ** 2, s=(2 * h, 2 * w))
+    energy = corr[0, 0] / band.size
+    if energy <= 0:
+        return 0.0
+    shifts_r = np.fft.fftfreq(2 * h, 1.0 / (2 * h))
+    shifts_c = np.fft.fftfreq(2 * w, 1.0 / (2 * w))
+    dist = np.hypot(shifts_r[:, None], shifts_c[None, :])
+    valid = (dist >= min_shift) & (np.abs(shifts_r)[:, None] <= h // 2) & (np.abs(shifts_c)[None, :] <= w // 2)
+    if not valid.any():
+        return 0.0
+    normalised = corr / np.maximum(overlap, 1.0) / energy
+    return float(normalised[valid].max())
+
+
+def source_usage(
+    image: npt.ArrayLike,
+    reference: npt.ArrayLike,
+    *,
+    samples: int = 20_000,
+    patch_size: int = 8,
+    reduce: int = 4,
+    cell: int = 64,
+    min_shift: int = 64,
+    seed: int = 0,
+) -> SourceUsage:
+    """Match ``samples`` random patches of the sample to the reference and see where they land.
+
+    Both images are reduced to gray and area-averaged by ``reduce``; ``samples`` random
+    ``patch_size``² patches of the reduced sample find their nearest reduced reference patch
+    (exact L2 search over every reference patch, FAISS flat index); the matched patch centres,
+    back in full-resolution pixels, are counted in ``cell``-px cells of the reference. See
+    :class:`SourceUsage` for what is reported. Deterministic for a given ``seed``.
+    """
+    img = _as_image(image, "image")
+    ref = _as_image(reference, "reference")
+    _check_channels(img, ref)
+    samples = _check_int(samples, "samples", 1)
+    patch_size = _check_int(patch_size, "patch_size", 1)
+    reduce = _check_int(reduce, "reduce", 1)
+    cell = _check_int(cell, "cell", 1)
+    min_shift = _check_int(min_shift, "min_shift", 1)
+    _check_fits(img, "image", patch_size * reduce, "patch_size·reduce")
+    _check_fits(ref, "reference", patch_size * reduce, "patch_size·reduce")
+
+    import faiss
+
+    small_img = _area_reduce(_gray(img), reduce).astype(np.float32)
+    small_ref = _area_reduce(_gray(ref), reduce).astype(np.float32)
+    ref_patches = np.lib.stride_tricks.sliding_window_view(small_ref, (patch_size, patch_size))
+    ref_grid_w = ref_patches.shape[1]
+    index = faiss.IndexFlatL2(patch_size * patch_size)
+    # added in row bands: the flattened patch matrix of a 15 MP reference is ~1 GB at once
+    band = max(1, (1 << 22) // (ref_grid_w * patch_size * patch_size))
+    for r0 in range(0, ref_patches.shape[0], band):
+        index.add(np.ascontiguousarray(ref_patches[r0 : r0 + band].reshape(-1, patch_size * patch_size)))
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, small_img.shape[0] - patch_size + 1, samples)
+    cols = rng.integers(0, small_img.shape[1] - patch_size + 1, samples)
+    offsets = np.arange(patch_size)
+    queries = small_img[(rows[:, None] + offsets)[:, :, None], (cols[:, None] + offsets)[:, None, :]]
+    _, found = index.search(np.ascontiguousarray(queries.reshape(samples, -1)), 1)
+    found = found[:, 0]
+    centre_r = ((found // ref_grid_w) + patch_size / 2) * reduce
+    centre_c = ((found % ref_grid_w) + patch_size / 2) * reduce
+    n_r, n_c = -(-ref.shape[0] // cell), -(-ref.shape[1] // cell)
+    which = np.minimum(centre_r // cell, n_r - 1).astype(np.int64) * n_c + np.minimum(centre_c // cell, n_c - 1).astype(np.int64)
+    counts = np.bincount(which, minlength=n_r * n_c)
+    top = max(1, math.ceil(0.01 * counts.size))
+    top_share = float(np.sort(counts)[::-1][:top].sum() / samples)
+    p = counts[counts > 0] / samples
+    coverage = float(np.exp(-(p * np.log(p)).sum()) / counts.size)
+    repetition = _repetition(small_img.astype(np.float64), max(1, min_shift // reduce))
+    return SourceUsage(top_share=top_share, coverage=coverage, repetition=repetition,
+                       cell_counts=counts.reshape(n_r, n_c))

@@ -275,3 +275,85 @@ def test_copy_bad_inputs_raise(ref):
         largest_copied_region(ref, ref, patch_size=0)
     with pytest.raises(ConfigError, match="max_offsets"):
         largest_copied_region(ref, ref, max_offsets=True)
+
+
+# --------------------------------------------------------------------------------------------
+# detail_retention, fog_map, source_usage
+
+
+@pytest.fixture(scope="module")
+def scene() -> np.ndarray:
+    """A 256×384 'photo': a smooth sky (a vertical gradient, no fine detail) over a textured
+    ground, as the real photos these metrics are for have both."""
+    ground = texture((160, 384, 3), seed=3)
+    rows = np.linspace(0.55, 0.8, 96, dtype=np.float32)[:, None, None]
+    sky = np.broadcast_to(rows * np.array([0.6, 0.75, 1.0], dtype=np.float32), (96, 384, 3))
+    return np.concatenate([sky, ground]).astype(np.float32)
+
+
+def test_detail_of_the_reference_is_one_and_a_blurred_copy_scores_low(scene):
+    assert metrics.detail_retention(scene, scene) == pytest.approx(1.0)
+    blurred = ndimage.gaussian_filter(scene, (2, 2, 0))
+    assert metrics.detail_retention(blurred, scene) < 0.6
+    # a sample of another size rearranging the same content keeps its detail
+    assert metrics.detail_retention(np.concatenate([scene, scene], axis=1), scene) == pytest.approx(1.0, abs=0.02)
+
+
+def test_detail_bad_inputs_raise(scene):
+    with pytest.raises(ValueError, match="flat"):
+        metrics.detail_retention(scene, np.full((32, 32, 3), 0.5, np.float32))
+    with pytest.raises(ValueError, match="channel"):
+        metrics.detail_retention(scene[..., :1], scene)
+
+
+def test_fog_is_found_where_it_was_planted_and_nowhere_else(scene):
+    fogged = scene.copy()
+    r0, r1, c0, c1 = 128, 256, 160, 320  # inside the textured ground
+    fogged[r0:r1, c0:c1] = ndimage.gaussian_filter(scene, (12, 12, 0))[r0:r1, c0:c1]
+    found = metrics.fog_map(fogged, scene, block=16)
+    planted = np.zeros(found.fogged.shape, dtype=bool)
+    planted[r0 // 16 : r1 // 16, c0 // 16 : c1 // 16] = True
+    # most of the planted region is found; outside it (one block of smoothing margin) nothing is
+    assert found.fogged[planted].mean() > 0.7
+    margin = ndimage.binary_dilation(planted, iterations=1)
+    assert not found.fogged[~margin].any()
+    assert 0.0 < found.fraction < 0.3
+
+
+def test_fog_ignores_smooth_regions_the_reference_also_has(scene):
+    assert metrics.fog_map(scene, scene, block=16).fraction == 0.0
+    # a sample that is mostly sky is not fogged: the reference's sky is smooth too
+    sky_heavy = np.concatenate([scene[:96], scene[:96], scene[96:160]])
+    assert metrics.fog_map(sky_heavy, scene, block=16).fraction == 0.0
+
+
+def test_fog_bad_options_raise(scene):
+    with pytest.raises(ConfigError, match="block"):
+        metrics.fog_map(scene, scene, block=15)
+    with pytest.raises(ConfigError, match="ratio"):
+        metrics.fog_map(scene, scene, ratio=-1.0)
+    with pytest.raises(ValueError, match="smaller than block"):
+        metrics.fog_map(scene[:8], scene, block=16)
+
+
+def test_source_usage_of_the_reference_is_even_and_a_tiled_crop_is_concentrated(scene):
+    ground = texture((256, 256, 3), seed=5)
+    itself = metrics.source_usage(ground, ground, samples=4000, reduce=2, cell=32, min_shift=32)
+    assert itself.top_share < 0.1  # 64 cells: the top 1 % is one cell, ~1/64 of the draws
+    assert itself.coverage > 0.8
+    assert itself.cell_counts.shape == (8, 8) and itself.cell_counts.sum() == 4000
+    tiled = np.tile(ground[96:160, 96:160], (4, 4, 1))
+    repeated = metrics.source_usage(tiled, ground, samples=4000, reduce=2, cell=32, min_shift=32)
+    assert repeated.top_share > 0.2  # every draw lands in the 2×2 cells the crop came from
+    assert repeated.coverage < 0.2  # ~4 of 64 cells, plus the patches straddling the tiles' joins
+    assert repeated.repetition > 0.9 > 0.5 > itself.repetition
+
+
+def test_source_usage_is_deterministic_and_validates(scene):
+    a = metrics.source_usage(scene, scene, samples=500, reduce=2, cell=32, seed=3)
+    b = metrics.source_usage(scene, scene, samples=500, reduce=2, cell=32, seed=3)
+    assert a.top_share == b.top_share and np.array_equal(a.cell_counts, b.cell_counts)
+    with pytest.raises(ConfigError, match="samples"):
+        metrics.source_usage(scene, scene, samples=0)
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        metrics.source_usage(scene[:16], scene, reduce=4)
