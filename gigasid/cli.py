@@ -236,8 +236,8 @@ def _run_store(store, scheduler: str) -> None:
         engine.execute(store, profile)
     except Exception as error:
         if is_disk_full(error):  # what is done is durable: the job continues where it stopped
-            raise InputError(f"{disk_full(store.path.parent)}; the store {store.path} keeps what is done: "
-                             f"`gigasid resume {store.path}` continues it") from None
+            raise disk_full(store.path.parent, f"the store {store.path} keeps what is done: free some space, "
+                            f"then `gigasid resume {store.path}` continues it") from None
         raise
     finally:
         store.release_lock()
@@ -408,19 +408,28 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "view":
             view_command(args)
     except GigasidError as error:
-        print(f"gigasid: error: {error}", file=sys.stderr)
+        print(f"{_line_break()}gigasid: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ngigasid: interrupted", file=sys.stderr)  # the progress line may still be open
         return 130
+    except BrokenPipeError:  # `gigasid info STORE | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as error:
         from gigasid.io.disk import disk_full, is_disk_full
 
         if not is_disk_full(error):
             raise
-        print(f"gigasid: error: {disk_full(_written_folder(args))}", file=sys.stderr)
+        print(f"{_line_break()}gigasid: error: {disk_full(_written_folder(args))}", file=sys.stderr)
         return 2
     return 0
+
+
+def _line_break() -> str:
+    """A newline when a progress line (written with a carriage return) is still open on stderr."""
+    engine = sys.modules.get("gigasid.graph.engine")
+    return "\n" if engine is not None and engine.Progress.line_open else ""
 
 
 def _written_folder(args: argparse.Namespace) -> Path:

@@ -36,7 +36,7 @@ class StoreDamagedError(InputError):
     def __init__(self, store: str, damaged: list[str], *, repairable: bool = True, reason: str = "missing or corrupt"):
         self.store, self.damaged, self.repairable, self.reason = str(store), list(damaged), repairable, reason
         shown = ", ".join(self.damaged[:3]) + (f" and {len(self.damaged) - 3} more" if len(self.damaged) > 3 else "")
-        count = f"{len(self.damaged)} chunk{'s' if len(self.damaged) != 1 else ''}"
+        count = f"{len(self.damaged)} file{'s' if len(self.damaged) != 1 else ''}"
         if repairable:
             advice = f"`gigasid resume {self.store}` recomputes them"
         else:

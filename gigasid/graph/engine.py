@@ -174,7 +174,7 @@ def create_job(
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
         if not isinstance(error, KeyboardInterrupt) and is_disk_full(error):
-            raise disk_full(path.parent, error) from None
+            raise disk_full(path.parent) from None
         raise
 
 
@@ -312,6 +312,8 @@ def _duration(seconds: float) -> str:
 class Progress:
     """One line per stage, refreshed at most once a second: stage, tiles, rate, ETA."""
 
+    line_open = False  # is a progress line waiting for its carriage return to be overwritten?
+
     def __init__(self, stream=sys.stderr):
         self.stream = stream
 
@@ -336,6 +338,7 @@ class Progress:
         end = "\n" if final else "\r"
         self.stream.write(f"  {self.label}: {self.done}/{self.total} tiles, {rate:.1f} tiles/s{eta_text}   {end}")
         self.stream.flush()
+        Progress.line_open = not final  # a message printed now starts on a new line (cli)
 
 
 def execute(store: JobStore, profile: Profile, *, progress: Progress | None = None) -> None:
@@ -404,14 +407,14 @@ def resume(path: str | Path, profile: Profile, *, progress: Progress | None = No
 
     Every chunk the done-grids claim is read back first (``check_store``); damaged ones are marked
     not done (:func:`repair`) and recomputed, so the result is the undamaged run's, bit for bit. A
-    finished, undamaged store is only read: it needs no lock (and may be read-only).
+    finished store whose image (output and output pyramid) is intact is only read: it needs no lock
+    (and may be read-only).
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     store = JobStore.open(path)
-    if _finished(store.manifest):
-        report = check_store(store)
-        if report.ok:
-            return store
+    # finished: only its image matters now (the rest is read when that is damaged)
+    if _finished(store.manifest) and check_store(store, output_only=True).ok:
+        return store
     store.acquire_lock()
     try:
         removed = store.clean_partials()
@@ -426,6 +429,26 @@ def resume(path: str | Path, profile: Profile, *, progress: Progress | None = No
         store.release_lock()
     _rebuild_pyramid(store)
     return store
+
+
+def _rebuild_indexes(store: JobStore, scales: list[int], log) -> dict:
+    """Build the damaged scales' indexes again from the reference, as ``create_job`` did; the
+    manifest's checksums of the result (returned). The FAISS build is seeded: the same file."""
+    config = tasks.job_config(store)
+    manifest = store.manifest
+    sums = dict(manifest["index_checksums"])
+    for scale in scales:
+        folder = store.index_dir(scale)
+        shutil.rmtree(folder, ignore_errors=True)
+        level = torch.from_numpy(store.array(f"{manifest['dataset']}/{scale}")[...])
+        jobs.scale_denoiser(level, config, periodic=config.application == "tileable", index_dir=folder)
+        fresh = file_checksums(folder)
+        if fresh.get("index.bin") != sums[str(scale)].get("index.bin"):
+            log(f"scale {scale}: the rebuilt index differs from the original one: tiles computed from now on "
+                "may differ from an undamaged run's")
+        sums[str(scale)] = fresh
+        log(f"scale {scale}: index rebuilt")
+    return sums
 
 
 def _finished(manifest: dict) -> bool:
@@ -465,7 +488,8 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
             continue
         if damage.restart:
             done[...] = 0  # whole-array write: a damaged done-grid chunk is never read
-            log(f"scale {scale}: the values its stage {damage.stage} reads are damaged: recomputing the scale")
+            what = "its done-grid" if damage.grid else f"the values its stage {damage.stage} reads"
+            log(f"scale {scale}: {what} damaged: recomputing the whole scale")
         else:
             for i, j in sorted(damage.tiles):
                 done[damage.stage, i, j] = 0
@@ -473,6 +497,8 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
         if scale in scales_done:
             scales_done.remove(scale)
     changes = {"scales_done": scales_done}
+    if report.indexes:
+        changes["index_checksums"] = _rebuild_indexes(store, sorted(report.indexes), log)
     if report.output_grid or report.output_tiles:
         done = store.array("output_done")
         if report.output_grid:

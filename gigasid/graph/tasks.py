@@ -80,7 +80,7 @@ def run_tile(path: str, scale: int, stage: int, box: Box) -> tuple[int, int, Box
             coarse = torch.from_numpy(read_box(coarser, plan.coarse_box, periodic=stepper.periodic))
         started = time.perf_counter()
         values = stepper.step(box, t, x_read, coarse)
-        if t == 1 and scale == 0 and "scales/0/matches" in store.group:
+        if t == 1 and scale == 0 and store.has("scales/0/matches"):
             _write_matches(store, stepper, plan, box, x_read)
     computing = time.perf_counter() - started
     store.array(write)[:, r0:r1, c0:c1] = values.numpy()
@@ -112,7 +112,7 @@ def write_output_tile(path: str, box: Box) -> tuple[int, int, Box, float]:
     r0, c0, r1, c1 = box
     if manifest.get("factor", 1) == 1:
         pixels = store.array("scales/0/final")[:, r0:r1, c0:c1]
-    elif "scales/0/matches" in store.group:
+    elif store.has("scales/0/matches"):
         pixels = _correspondence_tile(store, box)
     else:
         codec = store_codec(path)

@@ -119,14 +119,15 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def disk_full(folder: str | os.PathLike[str], error: BaseException | None = None) -> InputError:
-    """The one-line error for a full disk under ``folder``."""
+def disk_full(folder: str | os.PathLike[str], advice: str | None = None) -> InputError:
+    """The one-line error for a full disk under ``folder``; ``advice`` replaces the default (what
+    was being written is gone: free space and run the command again)."""
     folder = Path(folder) if str(folder) else Path(".")
     try:
         free = f" ({_size(free_bytes(folder))} free)"
     except OSError:
         free = ""
-    return InputError(
-        f"the disk holding {folder} is full{free}: no space left to write; what was being written "
-        "has been removed: free some space or write elsewhere, then run the command again"
+    advice = advice or (
+        "what was being written has been removed: free some space or write elsewhere, then run the command again"
     )
+    return InputError(f"the disk holding {folder} is full{free}: no space left to write; {advice}")

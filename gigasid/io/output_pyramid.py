@@ -65,7 +65,7 @@ def open_finished_store(path: str | os.PathLike[str]) -> JobStore:
             f"{path} is not finished (status {status}, output {written}); "
             f"finish it with `gigasid resume {path}` first"
         )
-    if "output" not in store.group:
+    if not store.has("output"):
         raise InputError(f"{path} has no output image; rerun the job with this version of gigasid")
     output = store.array("output")
     if output.ndim != 3 or output.dtype != np.uint8 or output.shape[0] not in (1, 3):

@@ -187,7 +187,7 @@ class JobStore:
         if not (path / "zarr.json").is_file():
             raise InputError(f"{path} is not a gigasid job store (no zarr.json)")
         try:
-            meta = json.loads((path / "zarr.json").read_bytes())
+            meta = json.loads((path / "zarr.json").read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise InputError(
                 f"{path}/zarr.json (the store's manifest) is not valid JSON ({type(error).__name__}: "
@@ -277,6 +277,11 @@ class JobStore:
         return count
 
     # ---- arrays ---------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        """Is there a node ``name``? Its metadata file decides, read or not: unreadable metadata
+        counts as there, so that :meth:`array` reports it as damage."""
+        return (self.path / name / "zarr.json").is_file()
+
     def array(self, name: str) -> zarr.Array:
         try:
             array = self.group[name]
@@ -311,10 +316,15 @@ class JobStore:
         if plain is None:
             return None
         state = dict(plain)
-        if "codec" in self.group:
-            for key, _ in self.group["codec"].arrays():
+        if self.has("codec"):
+            for key in self.codec_arrays():
                 state[key] = self.array(f"codec/{key}")[...]
         return state
+
+    def codec_arrays(self) -> list[str]:
+        """The names of the arrays under ``codec/`` (a latent job's fitted codec)."""
+        folder = self.path / "codec"
+        return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
 
     def index_dir(self, scale: int) -> Path:
         return self.path / "index" / str(scale)

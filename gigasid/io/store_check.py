@@ -5,8 +5,9 @@ chunk's bytes and checks its CRC-32C (``gigasid.io.store``), without decoding it
 is missing or corrupt in terms the driver can act on:
 
 * the reference pyramid, its latents and the fitted codec (every chunk: any recomputation reads
-  them) and the index files (their CRC-32C recorded in the manifest when they were built). Only the
-  source image can give these back: damage here is not repairable from the store;
+  them): only the source image can give these back, so damage here is not repairable from the
+  store; and the index files (their CRC-32C recorded in the manifest when they were built), which
+  are rebuilt from the reference;
 * per scale, the chunks the next stage relies on: the buffer the stage in progress writes (its
   done tiles), the buffer it reads (every tile: the previous stage's values), ``final`` of a
   finished scale (and then the buffer of its last step, needed to recompute a final tile), the last
@@ -43,6 +44,7 @@ class ScaleDamage:
     tiles: set[Tile] = field(default_factory=set)  # tiles whose chunk written by ``stage`` is damaged
     restart: bool = False  # the values ``stage`` reads are damaged (or the done-grid): redo the scale
     given: bool = False  # retarget's coarsest scale, written at creation: write it again
+    grid: bool = False  # the done-grid itself is unreadable (and so ``restart``)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class CheckReport:
     output_tiles: set[Tile] = field(default_factory=set)
     output_grid: bool = False  # output_done itself is unreadable: every output tile is redone
     pyramid_levels_ok: int | None = None  # output-pyramid levels still good when one is damaged
+    indexes: set[int] = field(default_factory=set)  # scales whose index files are damaged: rebuilt
 
     @property
     def ok(self) -> bool:
@@ -134,7 +137,7 @@ def check_store(store: JobStore, *, output_only: bool = False) -> CheckReport:
         _check_inputs(reader, manifest)
         for scale in range(len(manifest["output_shapes"])):
             _check_scale(reader, manifest, scale)
-    if "output" in store.group:
+    if store.has("output"):
         _check_output(reader, store, manifest)
     return report
 
@@ -146,20 +149,18 @@ def _check_inputs(reader: _Reader, manifest: dict) -> None:
     if manifest.get("dataset") == "latent":
         for scale in range(len(manifest["reference_shapes"])):
             reader.chunks(f"latent/{scale}", fatal=True)
-    if "codec" in store.group:
-        for key, _ in store.group["codec"].arrays():
-            reader.chunks(f"codec/{key}", fatal=True)
+    for key in store.codec_arrays():
+        reader.chunks(f"codec/{key}", fatal=True)
+    report = reader.report
     for scale, sums in manifest.get("index_checksums", {}).items():
         folder = store.index_dir(int(scale))
         found = file_checksums(folder) if folder.is_dir() else {}
         for name, crc in sums.items():
-            report = reader.report
             report.checked += 1
             if found.get(name) != crc:
                 problem = "missing" if name not in found else "checksum mismatch"
-                key = f"index/{scale}/{name} ({problem})"
-                report.damaged.append(key)
-                report.fatal.append(key)
+                report.damaged.append(f"index/{scale}/{name} ({problem})")
+                report.indexes.add(int(scale))
 
 
 def _tile_coords(tiles, depth: int = 3) -> list[tuple[int, ...]]:
@@ -174,7 +175,7 @@ def _check_scale(reader: _Reader, manifest: dict, scale: int) -> None:
     if grid is None:
         return
     if reader.chunks(f"scales/{scale}/done", absent_ok=True):
-        report.scales[scale] = ScaleDamage(stage=0, restart=True)
+        report.scales[scale] = ScaleDamage(stage=0, restart=True, grid=True)
         return
     done = grid[...].astype(bool)
     every = [(i, j) for i in range(done.shape[1]) for j in range(done.shape[2])]
@@ -190,7 +191,7 @@ def _check_scale(reader: _Reader, manifest: dict, scale: int) -> None:
     tiles = every if finished else [(i, j) for i, j in every if done[current, i, j]]
     _, write = stage_buffers(scale, current, steps)
     damaged = {(c[1], c[2]) for c in reader.chunks(write, _tile_coords(tiles))}
-    if current == steps and scale == 0 and "scales/0/matches" in reader.store.group:
+    if current == steps and scale == 0 and reader.store.has("scales/0/matches"):
         matches = reader.array("scales/0/matches")
         if matches is not None:
             rows, cols = (math.ceil(s / c) for s, c in zip(matches.shape[:2], matches.chunks[:2]))
@@ -209,8 +210,8 @@ def _check_scale(reader: _Reader, manifest: dict, scale: int) -> None:
 
 def _check_output(reader: _Reader, store: JobStore, manifest: dict) -> None:
     report = reader.report
-    if "output_done" in store.group:
-        if reader.chunks("output_done"):
+    if store.has("output_done"):
+        if reader.chunks("output_done", absent_ok=True):
             report.output_grid = True
             return
         done = np.asarray(store.array("output_done")[...], bool)
