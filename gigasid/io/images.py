@@ -71,7 +71,8 @@ def read_image(path: StrPath) -> npt.NDArray[np.float32]:
     stay one channel; CMYK, Lab and other colourspaces are converted to sRGB. An alpha band is
     dropped, not composited over a background: the colours stored under transparent pixels are
     kept as they are. 8-bit samples are scaled by 1/255 and 16-bit ones by 1/65535 (full
-    precision); float images are clipped to [0, 1]. Embedded ICC profiles other than CMYK ones are
+    precision); float images are taken to be in [0, 1]: a little outside is clipped, values far
+    outside (0-255 data, HDR) are refused rather than clipped to a white or black image. Embedded ICC profiles other than CMYK ones are
     ignored: RGB values are taken as sRGB. Any format libvips reads works; PNG, JPEG and TIFF are
     the tested ones. A truncated or corrupt file raises rather than loading as a partly grey image.
     """
@@ -80,7 +81,7 @@ def read_image(path: StrPath) -> npt.NDArray[np.float32]:
         raw = image.numpy()
     except pyvips.Error as error:
         raise InputError(f"cannot read {path_str} as an image: {_short_reason(error, path_str)}") from None
-    return _normalise(raw, scale, path_str)
+    return _normalise(raw, scale)
 
 
 def _open(path: StrPath) -> tuple[pyvips.Image, float | None, str]:
@@ -89,6 +90,10 @@ def _open(path: StrPath) -> tuple[pyvips.Image, float | None, str]:
     _check_readable_file(path_str)
     try:
         image = pyvips.Image.new_from_file(path_str, access="sequential", fail_on="error", revalidate=True)
+        if image.format in ("float", "double"):
+            # random access: the range is read in one pass, then the pixels in another
+            image = pyvips.Image.new_from_file(path_str, fail_on="error", revalidate=True)
+            _check_float_range(image, path_str)
         if _needs_autorot(image):
             # Rotating needs random access, which a sequential JPEG/PNG load cannot give.
             image = image.copy_memory().autorot()
@@ -110,7 +115,19 @@ def _open(path: StrPath) -> tuple[pyvips.Image, float | None, str]:
 _FLOAT_RANGE = (-1.0, 2.0)
 
 
-def _normalise(raw: np.ndarray, scale: float | None, path: str = "the image") -> npt.NDArray[np.float32]:
+def _check_float_range(image: pyvips.Image, path: str) -> None:
+    """Refuse float samples far outside [0, 1] (or not finite), read in one pass over the file."""
+    stats = image.stats()  # row 0: every band together; columns min, max, ...
+    low, high = stats(0, 0)[0], stats(1, 0)[0]
+    if not (np.isfinite(low) and np.isfinite(high)) or low < _FLOAT_RANGE[0] or high > _FLOAT_RANGE[1]:
+        raise InputError(
+            f"{path} has float samples from {low:g} to {high:g}; gigasid reads float images with values "
+            "in [0, 1] (a little outside is clipped): scale it to [0, 1], or save it with 8 or 16-bit "
+            "integer samples"
+        )
+
+
+def _normalise(raw: np.ndarray, scale: float | None) -> npt.NDArray[np.float32]:
     if raw.size == 0:
         raise InputError("the image is empty (0 pixels); give a non-empty image")
     if raw.ndim == 2:
@@ -118,13 +135,6 @@ def _normalise(raw: np.ndarray, scale: float | None, path: str = "the image") ->
     array = raw.astype(np.float32)
     if scale is not None:
         array /= np.float32(scale)
-    else:
-        low, high = float(np.nanmin(array)), float(np.nanmax(array))
-        if not (np.isfinite(low) and np.isfinite(high)) or low < _FLOAT_RANGE[0] or high > _FLOAT_RANGE[1]:
-            raise InputError(
-                f"{path} has float samples from {low:g} to {high:g}; gigasid reads float images with values "
-                "in [0, 1]: scale it to [0, 1], or save it with 8 or 16-bit integer samples"
-            )
     np.clip(array, 0.0, 1.0, out=array)
     return array
 
@@ -146,7 +156,7 @@ def read_strips(path: StrPath, rows: int = 256) -> Iterator[tuple[int, npt.NDArr
             height = min(rows, image.height - top)
             data = region.fetch(0, top, image.width, height)
             raw = np.frombuffer(data, dtype=dtype).reshape(height, image.width, image.bands)
-            yield top, _normalise(raw, scale, path_str)
+            yield top, _normalise(raw, scale)
     except pyvips.Error as error:
         raise InputError(f"cannot read {path_str} as an image: {_short_reason(error, path_str)}") from None
 
