@@ -35,6 +35,9 @@ class DenoiserConfig:
     backend: Literal["exact", "fused", "knn"] = "knn"
     #: precision of the dense backends' matmuls; bfloat16 is the paper's choice and 2× faster
     compute_dtype: Literal["float32", "bfloat16", "float64"] = "bfloat16"
+    #: at noise levels σ <= this, each patch takes its nearest candidate alone (the closed
+    #: form's σ → 0 limit) instead of the softmax average; 0 = the paper's sampler throughout
+    commit_sigma: float = field(default=0.0, metadata=_range(0.0, 1.0e3))
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,10 @@ def scale_denoiser(
         dataset = unfold_rows(level.contiguous(), size, 0, grid_h)
         dense = ExactDenoiser if backend == "exact" else FusedDenoiser
         patch_denoiser = dense(dataset, compute_dtype=_DTYPES[config.denoiser.compute_dtype])
-    return ImageDenoiser(patch_denoiser, patch_size=size, rho=config.rho, periodic=periodic, candidate_source=source)
+    return ImageDenoiser(
+        patch_denoiser, patch_size=size, rho=config.rho, periodic=periodic, candidate_source=source,
+        commit_sigma=config.denoiser.commit_sigma,
+    )
 
 
 def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
