@@ -407,13 +407,11 @@ def resume(path: str | Path, profile: Profile, *, progress: Progress | None = No
 
     Every chunk the done-grids claim is read back first (``check_store``); damaged ones are marked
     not done (:func:`repair`) and recomputed, so the result is the undamaged run's, bit for bit. A
-    finished store whose image (output and output pyramid) is intact is only read: it needs no lock
-    (and may be read-only).
+    finished, undamaged store is only read: it needs no lock (and may be read-only).
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     store = JobStore.open(path)
-    # finished: only its image matters now (the rest is read when that is damaged)
-    if _finished(store.manifest) and check_store(store, output_only=True).ok:
+    if _finished(store.manifest) and check_store(store).ok:
         return store
     store.acquire_lock()
     try:

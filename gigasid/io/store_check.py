@@ -185,6 +185,15 @@ def _check_scale(reader: _Reader, manifest: dict, scale: int) -> None:
         if reader.chunks(f"scales/{scale}/final", _tile_coords(every)):
             report.scales[scale] = ScaleDamage(stage=steps, given=True)
         return
+    # a stage's done-grid chunk is written with its first done tile, and stages run in order: one
+    # missing while a later stage's is there (or the scale is finished) was lost, not never written
+    keys = [f"scales/{scale}/done/{grid.metadata.encode_chunk_key((k, 0, 0))}" for k in range(steps + 1)]
+    present = [(reader.store.path / key).is_file() for key in keys]
+    lost = [k for k in range(steps + 1) if not present[k] and (marked or any(present[k + 1 :]))]
+    if grid.chunks[0] == 1 and lost:
+        report.damaged.append(f"{keys[lost[0]]} (missing)")
+        report.scales[scale] = ScaleDamage(stage=0, restart=True, grid=True)
+        return
     stage = steps + 1 if marked else next((k for k in range(steps + 1) if not done[k].all()), steps + 1)
     finished = stage > steps
     current = steps if finished else stage
@@ -211,7 +220,11 @@ def _check_scale(reader: _Reader, manifest: dict, scale: int) -> None:
 def _check_output(reader: _Reader, store: JobStore, manifest: dict) -> None:
     report = reader.report
     if store.has("output_done"):
-        if reader.chunks("output_done", absent_ok=True):
+        grid_key = "output_done/" + store.array("output_done").metadata.encode_chunk_key((0, 0))
+        lost = manifest.get("output_done") and not (store.path / grid_key).is_file()
+        if lost:
+            report.damaged.append(f"{grid_key} (missing)")
+        if lost or reader.chunks("output_done", absent_ok=True):
             report.output_grid = True
             return
         done = np.asarray(store.array("output_done")[...], bool)
