@@ -4,7 +4,7 @@ read, call ``jobs``, ``graph.engine``, ``io.exporters`` or ``io.viewer``, write,
 User mistakes (:class:`~gigasid.errors.GigasidError`) and a full disk become one line on stderr
 and exit code 2; anything else is a bug and keeps its traceback. What can be decided before
 computing is: an output that would overwrite an input or another output, the input's working set
-against the memory available (``gigasid.jobs``-sized estimate), an image format's size limits, and
+against the memory available (``gigasid.limits``), an image format's size limits, and
 a job store's size against the free disk (``--force`` overrides that one).
 """
 
@@ -224,7 +224,9 @@ def generate_command(args: argparse.Namespace) -> None:
             _print_table(path, out_path, job, result, total, args.seed + offset)
 
 
-def _run_store(store, scheduler: str) -> None:
+def _run_store(store, scheduler: str, *, resumable: bool = True) -> None:
+    """Run a created job to the end; ``resumable`` False for the scratch store of an image output
+    (deleted on failure, so a full disk's message offers no ``resume``)."""
     from gigasid.graph import engine
     from gigasid.graph.profiles import load_profile
     from gigasid.io.disk import disk_full, is_disk_full
@@ -236,8 +238,9 @@ def _run_store(store, scheduler: str) -> None:
         engine.execute(store, profile)
     except Exception as error:
         if is_disk_full(error):  # what is done is durable: the job continues where it stopped
-            raise disk_full(store.path.parent, f"the store {store.path} keeps what is done: free some space, "
-                            f"then `gigasid resume {store.path}` continues it") from None
+            advice = (f"the store {store.path} keeps what is done: free some space, then `gigasid resume "
+                      f"{store.path}` continues it") if resumable else None
+            raise disk_full(store.path.parent, advice) from None
         raise
     finally:
         store.release_lock()
@@ -278,7 +281,7 @@ def _tiled_to_image(args, config, size, image, seed, out_path, source) -> None:
             tile=args.tile or default_tile(config), source=str(source), force=args.force,
         )
         print(f"{source} -> {out_path} (pipeline: {config.application}, seed {seed}, tiled)")
-        _run_store(store, args.scheduler)
+        _run_store(store, args.scheduler, resumable=False)
         write_image(out_path, engine.read_output(store).transpose(1, 2, 0))
 
 

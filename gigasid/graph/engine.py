@@ -470,8 +470,9 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
     A damaged chunk a stage wrote: that stage of that tile again. Damage in what a stage reads
     (the previous stage's buffer) or in a done-grid: the whole scale again (its earlier values
     are overwritten by then). The output's tiles and pyramid levels likewise. Sampling is a
-    function of (seed, position), so the recomputed chunks are the lost ones, bit for bit. What
-    only the source image gives back (reference, latents, codec, index) raises instead.
+    function of (seed, position), so the recomputed chunks are the lost ones, bit for bit. A
+    damaged index is rebuilt from the reference; what only the source image gives back (the
+    reference, its latents, the codec) raises instead.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     if report.fatal:
