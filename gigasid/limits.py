@@ -51,8 +51,9 @@ def working_set(reference: tuple[int, int, int], output: tuple[int, int] | None,
     patch = 4 * channels * config.patch_size**2
     knn = config.denoiser.backend == "knn"
     # pyramid (~4/3 of the image, plus a resampled copy) and, per backend, the search structures:
-    # knn: features + index vectors + the training copy; dense: the unfolded patches and a score chunk
-    per_reference = 4 * channels * 3 + (12 * dims if knn else patch + 512)
+    # knn: features + index vectors + the training copy; dense: the unfolded patches (float32, and
+    # centred in the compute dtype with its transpose) and the score chunks
+    per_reference = 4 * channels * 3 + (12 * dims if knn else 2 * patch + 1024)
     total = height * width * per_reference
     if output is not None:
         per_output = 4 * channels * 6 + (8 * dims + 12 * config.index.k if knn else patch)
