@@ -195,12 +195,10 @@ def _build_job(store: JobStore, building: Path, path: Path, image, config: JobCo
         channels = _encode_reference(store, config, pixel_shapes, image_channels)
         setup["codec fit + encode"] = time.perf_counter() - started
     store.update_manifest(channels=channels, image_channels=image_channels)
-    dataset = store.manifest["dataset"]
     if config.denoiser.backend == "knn":  # built once here, opened by path in every worker
         started = time.perf_counter()
         for scale in range(len(ref_shapes)):
-            level = torch.from_numpy(store.array(f"{dataset}/{scale}")[...])
-            jobs.scale_denoiser(level, config, periodic=periodic, index_dir=store.index_dir(scale))
+            _build_index(store, config, scale)
         setup["indexes"] = time.perf_counter() - started
         # read back by `gigasid check`: FAISS would read a damaged index file without noticing
         store.update_manifest(index_checksums={
@@ -232,6 +230,12 @@ def _build_job(store: JobStore, building: Path, path: Path, image, config: JobCo
         store.update_manifest(scales_done=[len(out_shapes) - 1])
     building.rename(path)
     return JobStore.open(path)  # still locked by us: the lock file moved with the directory
+
+
+def _build_index(store: JobStore, config: JobConfig, scale: int) -> None:
+    """Build scale ``scale``'s candidate index from the stored reference into ``index/<scale>``."""
+    level = torch.from_numpy(store.array(f"{store.manifest['dataset']}/{scale}")[...])
+    jobs.scale_denoiser(level, config, periodic=config.application == "tileable", index_dir=store.index_dir(scale))
 
 
 def _write_given_coarsest(store: JobStore) -> None:
@@ -438,8 +442,7 @@ def _rebuild_indexes(store: JobStore, scales: list[int], log) -> dict:
     for scale in scales:
         folder = store.index_dir(scale)
         shutil.rmtree(folder, ignore_errors=True)
-        level = torch.from_numpy(store.array(f"{manifest['dataset']}/{scale}")[...])
-        jobs.scale_denoiser(level, config, periodic=config.application == "tileable", index_dir=folder)
+        _build_index(store, config, scale)
         fresh = file_checksums(folder)
         if fresh.get("index.bin") != sums[str(scale)].get("index.bin"):
             log(f"scale {scale}: the rebuilt index differs from the original one: tiles computed from now on "
