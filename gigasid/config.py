@@ -38,6 +38,9 @@ class DenoiserConfig:
     #: at noise levels σ <= this, each patch takes its nearest candidate alone (the closed
     #: form's σ → 0 limit) instead of the softmax average; 0 = the paper's sampler throughout
     commit_sigma: float = field(default=0.0, metadata=_range(0.0, 1.0e3))
+    #: a knn job denoises every scale but the finest that has at most this many reference
+    #: patches with the exact closed form (every patch weighs in); 0 = knn at every scale
+    exact_below: int = field(default=0, metadata=_range(0, None))
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class LatentConfig:
     #: how the pixel output is made: correspondence (fold the reference's own pixel patches at the
     #: last step's matches, with its weights; knn only) or codec (the codec's decoder)
     decode: Literal["correspondence", "codec"] = "correspondence"
+    #: pca: one more latent channel, the energy the coefficients leave out of each block, so
+    #: that textures they do not resolve stay apart from smooth regions of the same colour
+    texture_channel: bool = False
     #: windowed blocks sampled from the reference pyramid to fit the pca codec
     fit_blocks: int = field(default=200_000, metadata=_range(1000, None))
     #: a diffusers VAE: a local directory, or a Hugging Face repo id already in the local cache

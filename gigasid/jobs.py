@@ -124,7 +124,8 @@ def build_codec(config: JobConfig, read_pixels, pixel_shapes: list[tuple[int, in
         from gigasid.codecs.lapped_pca import fit_lapped_pca
 
         return fit_lapped_pca(
-            read_pixels, pixel_shapes, latent.channels, image_channels=channels, max_blocks=latent.fit_blocks
+            read_pixels, pixel_shapes, latent.channels, image_channels=channels, max_blocks=latent.fit_blocks,
+            texture=latent.texture_channel,
         )
     from gigasid.codecs.vae import load_vae
 
@@ -157,9 +158,9 @@ def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | N
     out_shapes = output_shapes(pixel_shapes, size, config)
     periodic = config.application == "tileable"
     denoisers, setup = [], []
-    for level in levels:
+    for scale, level in enumerate(levels):
         started = time.perf_counter()
-        denoisers.append(scale_denoiser(level, config, periodic=periodic))
+        denoisers.append(scale_denoiser(level, config, scale=scale, periodic=periodic))
         setup.append(time.perf_counter() - started)
     fixed = None
     if config.application == "retarget":
@@ -171,13 +172,25 @@ def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | N
     )
 
 
-def scale_denoiser(
-    level: torch.Tensor, config: JobConfig, *, periodic: bool, index_dir: Path | None = None
-) -> ImageDenoiser:
-    """The image denoiser of one scale. With ``index_dir`` a knn index saved there is opened (and
-    one built here is saved there), so a job's workers share one index per scale."""
-    size = config.patch_size
+def scale_backend(config: JobConfig, scale: int, level_shape: tuple[int, int]) -> str:
+    """The denoiser backend of one scale: the configured one, except that a knn job denoises a
+    scale of at most ``denoiser.exact_below`` reference patches with the exact closed form. Never
+    the finest scale: the correspondence decode reads its matches."""
     backend = config.denoiser.backend
+    patches = int(np.prod(grid_shape(*level_shape, config.patch_size)))
+    if backend == "knn" and scale > 0 and patches <= config.denoiser.exact_below:
+        return "exact"
+    return backend
+
+
+def scale_denoiser(
+    level: torch.Tensor, config: JobConfig, *, scale: int, periodic: bool, index_dir: Path | None = None
+) -> ImageDenoiser:
+    """The image denoiser of scale ``scale`` (0 the finest). With ``index_dir`` a knn index saved
+    there is opened (and one built here is saved there), so a job's workers share one index per
+    scale."""
+    size = config.patch_size
+    backend = scale_backend(config, scale, tuple(level.shape[-2:]))
     source = None
     if backend == "knn":
         patch_denoiser = KnnDenoiser(level, size)
@@ -286,4 +299,4 @@ def generate(
     return run(prepare(image, config, size=size), seed=seed).image
 
 
-__all__ = ["PreparedJob", "ScaleTiming", "codec_factor", "generate", "latent_shape", "output_shapes", "prepare", "reference_pyramid", "run", "scale_denoiser"]
+__all__ = ["PreparedJob", "ScaleTiming", "codec_factor", "generate", "latent_shape", "output_shapes", "prepare", "reference_pyramid", "run", "scale_backend", "scale_denoiser"]

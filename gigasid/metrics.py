@@ -36,8 +36,8 @@ in ``gigasid.core``. Bad images raise ``ValueError``; bad options raise
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt

@@ -10,6 +10,13 @@ sampled from the reference's pyramid (their covariance summed in float64, so the
 not depend on the reference's size), and one global scale brings the latents to the RMS of pixel
 values, which is what the noise schedule assumes (σ_max = 1 against data in [-1, 1]).
 
+A texture channel (``texture=True``) follows the K coefficients: the norm of what they leave out
+of the windowed block, in the same units. Two blocks' distance over the K coefficients plus this
+channel is still at most their true distance (‖a − b‖ ≥ |‖a‖ − ‖b‖| on the residuals), but it
+is far closer to it for textures the K components do not resolve: without it, gravel, foliage or
+fur and a smooth surface of the same colour have nearly the same latents, and a denoiser that
+matches latents paints smooth patches (fog) where the texture was. The decoder ignores it.
+
 This module is the math only (torch): :func:`fit_lapped_pca` reads pixels through a callback, the
 caller owns the files. It does not choose K: :mod:`bench.codec` measures reconstruction per K.
 """
@@ -63,10 +70,15 @@ class LappedPCACodec:
 
     name = "pca"
 
-    def __init__(self, mean: np.ndarray, basis: np.ndarray, scale: float, *, image_channels: int, factor: int = 8):
+    def __init__(
+        self, mean: np.ndarray, basis: np.ndarray, scale: float, *, image_channels: int, factor: int = 8,
+        texture: bool = False,
+    ):
         self.factor = factor
         self.image_channels = image_channels
-        self.channels = basis.shape[1]
+        self.coefficients = basis.shape[1]
+        self.texture = texture
+        self.channels = self.coefficients + int(texture)
         self.encode_halo = factor  # reach f/2 past the block, rounded up to whole cells
         self.decode_halo = 1
         self.mean = torch.as_tensor(np.asarray(mean), dtype=torch.float64)
@@ -80,7 +92,9 @@ class LappedPCACodec:
 
     # ---- fitting ---------------------------------------------------------------------------
     @classmethod
-    def fit(cls, covariance: BlockCovariance, k: int, *, image_channels: int, factor: int = 8) -> LappedPCACodec:
+    def fit(
+        cls, covariance: BlockCovariance, k: int, *, image_channels: int, factor: int = 8, texture: bool = False
+    ) -> LappedPCACodec:
         """The codec of the k leading directions of the sampled blocks' covariance."""
         dims = image_channels * (2 * factor) ** 2
         if not 1 <= k <= dims:
@@ -90,19 +104,25 @@ class LappedPCACodec:
         # the kept eigenvalues (the coefficients are centred)
         power = float(values[:k].mean())
         scale = LATENT_RMS / math.sqrt(power) if power > 0 else 1.0
-        return cls(mean.numpy(), basis.numpy(), scale, image_channels=image_channels, factor=factor)
+        return cls(mean.numpy(), basis.numpy(), scale, image_channels=image_channels, factor=factor, texture=texture)
 
     # ---- the contract ------------------------------------------------------------------------
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         blocks = _blocks(pixels.to(torch.float64), self.factor)  # (D, h, w), unwindowed
         dims, height, width = blocks.shape
-        coef = self._analysis @ blocks.reshape(dims, -1) - self._mean_coef[:, None]
+        flat = blocks.reshape(dims, -1)
+        coef = self._analysis @ flat - self._mean_coef[:, None]
+        if self.texture:
+            # ‖w·b − mean‖² − ‖coef‖²: the basis is orthonormal, so this is the residual's energy
+            centred = flat * self._window[:, None] - self.mean[:, None]
+            residual = (centred.pow(2).sum(0) - coef.pow(2).sum(0)).clamp_min(0.0).sqrt()
+            coef = torch.cat([coef, residual[None]])
         return (coef * self.scale).reshape(self.channels, height, width).to(torch.float32)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         f = self.factor
         height, width = latents.shape[1:]
-        coef = latents.to(torch.float64).reshape(self.channels, -1) / self.scale
+        coef = latents[: self.coefficients].to(torch.float64).reshape(self.coefficients, -1) / self.scale
         blocks = (self.basis @ coef + self.mean[:, None]) * self._window[:, None]  # synthesis window
         # overlap-add at stride f: block (i, j) lands on padded rows [f·i, f·i + 2f), i.e. image
         # rows [f·i − f/2, …)
@@ -122,13 +142,14 @@ class LappedPCACodec:
             "scale": self.scale,
             "mean": self.mean.numpy(),
             "basis": self.basis.numpy(),
+            "texture": self.texture,
         }
 
     @classmethod
     def from_state(cls, state: dict) -> LappedPCACodec:
         return cls(
             state["mean"], state["basis"], state["scale"], image_channels=int(state["image_channels"]),
-            factor=int(state["factor"]),
+            factor=int(state["factor"]), texture=bool(state.get("texture", False)),
         )
 
 
@@ -168,7 +189,7 @@ class _WindowedBlocks:
 
 def fit_lapped_pca(
     read_pixels, shapes: list[tuple[int, int]], k: int, *, image_channels: int, max_blocks: int,
-    factor: int = 8, band_cells: int = 32,
+    factor: int = 8, band_cells: int = 32, texture: bool = False,
 ) -> LappedPCACodec:
     """Fit the codec on blocks sampled from every level of a pixel pyramid, in bounded memory.
 
@@ -191,4 +212,4 @@ def fit_lapped_pca(
             blocks = encode_box(extractor, lambda b, level=level: read_pixels(level, b), shape, box)
             picked = blocks[:, ::stride, ::stride]  # r0 is a multiple of stride: a global lattice
             covariance.add(picked.reshape(picked.shape[0], -1).T)
-    return LappedPCACodec.fit(covariance, k, image_channels=image_channels, factor=factor)
+    return LappedPCACodec.fit(covariance, k, image_channels=image_channels, factor=factor, texture=texture)

@@ -32,7 +32,6 @@ from gigasid.core.patches import (
     wrap_periodic,
 )
 
-
 # The temperature of a committed step: the flow_linear schedule's last σ (σ_min), at which the
 # kernels' softmax is already a hard argmax for any two distinct candidates.
 _COMMITTED_SIGMA = 1e-4

@@ -117,3 +117,35 @@ def test_bad_channel_count_is_refused():
     covariance.add(torch.randn(300, 256, dtype=torch.float64))
     with pytest.raises(ValueError, match="latent channels"):
         LappedPCACodec.fit(covariance, 257, image_channels=1)
+
+
+def test_the_texture_channel_is_the_residual_norm_and_the_decoder_ignores_it():
+    image = _image()
+    read = lambda level, box: image[:, box[0] : box[2], box[1] : box[3]]
+    plain = fit_lapped_pca(read, [tuple(image.shape[1:])], 12, image_channels=3, max_blocks=100_000)
+    textured = fit_lapped_pca(read, [tuple(image.shape[1:])], 12, image_channels=3, max_blocks=100_000, texture=True)
+    latents = textured.encode(image)
+    assert textured.channels == 13 and latents.shape[0] == 13
+    torch.testing.assert_close(latents[:12], plain.encode(image), rtol=0, atol=0)
+    torch.testing.assert_close(textured.decode(latents), plain.decode(latents[:12]), rtol=0, atol=0)
+    # the channel is what the coefficients leave out: with the full basis it vanishes
+    full = fit_lapped_pca(read, [tuple(image.shape[1:])], 768, image_channels=3, max_blocks=100_000, texture=True)
+    assert float(full.encode(image)[-1].abs().max()) < 1e-3
+    assert float(latents[-1].min()) >= 0.0 and float(latents[-1].mean()) > 0.05
+    # the state keeps it
+    assert from_state(textured.state()).channels == 13
+
+
+def test_the_texture_channel_tells_a_texture_from_a_smooth_surface_of_its_colour():
+    """Fine noise and a flat surface of the same mean have nearly the same few coefficients;
+    the texture channel is what sets them apart."""
+    generator = torch.Generator().manual_seed(3)
+    smooth = torch.zeros(3, 64, 64)
+    rough = 0.5 * torch.sign(torch.randn(3, 64, 64, generator=generator))
+    both = torch.cat([smooth, rough], 2)
+    read = lambda level, box: both[:, box[0] : box[2], box[1] : box[3]]
+    codec = fit_lapped_pca(read, [(64, 128)], 4, image_channels=3, max_blocks=100_000, texture=True)
+    a, b = codec.encode(smooth), codec.encode(rough)
+    coefficient_gap = float((a[:4, 2:-2, 2:-2] - b[:4, 2:-2, 2:-2]).pow(2).sum(0).mean())
+    texture_gap = float((a[4, 2:-2, 2:-2] - b[4, 2:-2, 2:-2]).pow(2).mean())
+    assert texture_gap > 4 * coefficient_gap

@@ -59,6 +59,9 @@ def _tiled(path, image, config, size, tile, kind="threads"):
 CASES = {
     "uncond-correspondence": ("gigapixel", [], (200, 296)),
     "uncond-codec": ("gigapixel", ["latent.decode=codec"], (200, 296)),
+    # the coarse scale exact, committed late steps, the texture channel: the large-output options
+    "uncond-exact-coarse": ("gigapixel", ["denoiser.exact_below=2000", "denoiser.commit_sigma=0.3",
+                                          "latent.texture_channel=true"], (200, 296)),
     "tileable-correspondence": ("texture", [], (192, 320)),
     "retarget-correspondence": ("panorama", [], (256, 600)),
 }
