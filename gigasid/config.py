@@ -35,12 +35,6 @@ class DenoiserConfig:
     backend: Literal["exact", "fused", "knn"] = "knn"
     #: precision of the dense backends' matmuls; bfloat16 is the paper's choice and 2× faster
     compute_dtype: Literal["float32", "bfloat16", "float64"] = "bfloat16"
-    #: at noise levels σ <= this, each patch takes its nearest candidate alone (the closed
-    #: form's σ → 0 limit) instead of the softmax average; 0 = the paper's sampler throughout
-    commit_sigma: float = field(default=0.0, metadata=_range(0.0, 1.0e3))
-    #: a knn job denoises every scale but the finest that has at most this many reference
-    #: patches with the exact closed form (every patch weighs in); 0 = knn at every scale
-    exact_below: int = field(default=0, metadata=_range(0, None))
 
 
 @dataclass(frozen=True)
@@ -80,6 +74,10 @@ class LatentConfig:
     #: pca: one more latent channel, the energy the coefficients leave out of each block, so
     #: that textures they do not resolve stay apart from smooth regions of the same colour
     texture_channel: bool = False
+    #: correspondence decode: the window's ρ over the matched pixel patches (null = ``rho``);
+    #: smaller keeps each pixel closer to the one patch centred on it, so where neighbouring
+    #: cells copy from different places the seam is narrower instead of a wide cross-fade
+    decode_rho: float | None = field(default=None, metadata=_range(1e-6, math.inf))
     #: windowed blocks sampled from the reference pyramid to fit the pca codec
     fit_blocks: int = field(default=200_000, metadata=_range(1000, None))
     #: a diffusers VAE: a local directory, or a Hugging Face repo id already in the local cache

@@ -158,9 +158,9 @@ def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | N
     out_shapes = output_shapes(pixel_shapes, size, config)
     periodic = config.application == "tileable"
     denoisers, setup = [], []
-    for scale, level in enumerate(levels):
+    for level in levels:
         started = time.perf_counter()
-        denoisers.append(scale_denoiser(level, config, scale=scale, periodic=periodic))
+        denoisers.append(scale_denoiser(level, config, periodic=periodic))
         setup.append(time.perf_counter() - started)
     fixed = None
     if config.application == "retarget":
@@ -172,25 +172,13 @@ def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | N
     )
 
 
-def scale_backend(config: JobConfig, scale: int, level_shape: tuple[int, int]) -> str:
-    """The denoiser backend of one scale: the configured one, except that a knn job denoises a
-    scale of at most ``denoiser.exact_below`` reference patches with the exact closed form. Never
-    the finest scale: the correspondence decode reads its matches."""
-    backend = config.denoiser.backend
-    patches = int(np.prod(grid_shape(*level_shape, config.patch_size)))
-    if backend == "knn" and scale > 0 and patches <= config.denoiser.exact_below:
-        return "exact"
-    return backend
-
-
 def scale_denoiser(
-    level: torch.Tensor, config: JobConfig, *, scale: int, periodic: bool, index_dir: Path | None = None
+    level: torch.Tensor, config: JobConfig, *, periodic: bool, index_dir: Path | None = None
 ) -> ImageDenoiser:
-    """The image denoiser of scale ``scale`` (0 the finest). With ``index_dir`` a knn index saved
-    there is opened (and one built here is saved there), so a job's workers share one index per
-    scale."""
+    """The image denoiser of one scale. With ``index_dir`` a knn index saved there is opened (and
+    one built here is saved there), so a job's workers share one index per scale."""
     size = config.patch_size
-    backend = scale_backend(config, scale, tuple(level.shape[-2:]))
+    backend = config.denoiser.backend
     source = None
     if backend == "knn":
         patch_denoiser = KnnDenoiser(level, size)
@@ -219,10 +207,7 @@ def scale_denoiser(
         dataset = unfold_rows(level.contiguous(), size, 0, grid_h)
         dense = ExactDenoiser if backend == "exact" else FusedDenoiser
         patch_denoiser = dense(dataset, compute_dtype=_DTYPES[config.denoiser.compute_dtype])
-    return ImageDenoiser(
-        patch_denoiser, patch_size=size, rho=config.rho, periodic=periodic, candidate_source=source,
-        commit_sigma=config.denoiser.commit_sigma,
-    )
+    return ImageDenoiser(patch_denoiser, patch_size=size, rho=config.rho, periodic=periodic, candidate_source=source)
 
 
 def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
@@ -280,7 +265,7 @@ def correspondence_decode(
     factor = codec_factor(config)
     return fold_matches(
         reference, positions, weights, ref_grid_w=ref_grid[1] - config.patch_size + 1, factor=factor,
-        patch_size=config.patch_size, rho=config.rho, query_origin=query_origin, box=box,
+        patch_size=config.patch_size, rho=config.latent.decode_rho or config.rho, query_origin=query_origin, box=box,
         out_shape=(out_grid[0] * factor, out_grid[1] * factor), periodic=config.application == "tileable",
     )
 
@@ -299,4 +284,4 @@ def generate(
     return run(prepare(image, config, size=size), seed=seed).image
 
 
-__all__ = ["PreparedJob", "ScaleTiming", "codec_factor", "generate", "latent_shape", "output_shapes", "prepare", "reference_pyramid", "run", "scale_backend", "scale_denoiser"]
+__all__ = ["PreparedJob", "ScaleTiming", "codec_factor", "generate", "latent_shape", "output_shapes", "prepare", "reference_pyramid", "run", "scale_denoiser"]

@@ -4,13 +4,6 @@ Patches are processed in bands of patch rows so the (M, D) patch matrix of the n
 never held whole; each band is folded into the output canvas as soon as it is denoised. A
 periodic denoiser wraps patches around the image edges (tileable output). Where a backend needs
 nearest-neighbour candidates, a :class:`CandidateSource` supplies them for the whole grid first.
-
-Committing (``commit_sigma``, a departure from the paper, off by default): at noise levels at or
-below ``commit_sigma`` every patch takes the closed form's σ → 0 limit, its nearest candidate
-alone, instead of the softmax average over candidates that disagree. Averaging incoherent
-candidates at mid σ is what turns detailed regions into haze that later steps then match with
-hazy reference patches; committing keeps each patch one real reference patch. ε̂ and the
-update still use the schedule's σ: only the denoiser's temperature changes.
 """
 
 from __future__ import annotations
@@ -31,10 +24,6 @@ from gigasid.core.patches import (
     window_sum,
     wrap_periodic,
 )
-
-# The temperature of a committed step: the flow_linear schedule's last σ (σ_min), at which the
-# kernels' softmax is already a hard argmax for any two distinct candidates.
-_COMMITTED_SIGMA = 1e-4
 
 
 class CandidateSource(Protocol):
@@ -71,7 +60,6 @@ class ImageDenoiser:
         periodic: bool = False,
         candidate_source: CandidateSource | None = None,
         band_queries: int = 16384,
-        commit_sigma: float = 0.0,
     ):
         if patch_denoiser.needs_candidates and candidate_source is None:
             raise ValueError("this denoiser backend needs a candidate source (an index)")
@@ -81,7 +69,6 @@ class ImageDenoiser:
         self.periodic = periodic
         self.candidate_source = candidate_source
         self.band_queries = band_queries
-        self.commit_sigma = commit_sigma
         # the fold buffer is reused (fresh pages cost more than the fold), one per thread: tiles
         # of a scale share this denoiser on a threaded scheduler
         self._local = threading.local()
@@ -109,11 +96,6 @@ class ImageDenoiser:
                 denoised = self.patch_denoiser(queries[start:stop], alpha, sigma, cand)
                 window_columns(denoised, window, out=columns[:, start:stop])
             fold_columns(canvas, columns, row0, grid_w, size)
-
-    def _temperature(self, sigma: float) -> float:
-        """The σ the patch denoiser weighs with: the schedule's, or the σ → 0 limit (the nearest
-        candidate's weight rounds to 1) once the schedule is at or below ``commit_sigma``."""
-        return min(sigma, _COMMITTED_SIGMA) if sigma <= self.commit_sigma else sigma
 
     def _queries(self, x_t, alpha, step, origin, global_grid):
         """(the float32 source, padded when periodic; its patch grid; the candidates or None):
@@ -153,7 +135,6 @@ class ImageDenoiser:
         """
         _, height, width = x_t.shape
         periodic = self.periodic and origin is None
-        sigma = self._temperature(sigma)
         window = self.window.to(device=x_t.device)
         source, (grid_h, grid_w), candidates = self._queries(x_t, alpha, step, origin, global_grid)
         # float64 canvas: each pixel's sum of patch contributions, and the periodic wrap, come
@@ -184,7 +165,6 @@ class ImageDenoiser:
             raise ValueError("matches need a knn backend (dense backends weigh every patch)")
         if alpha <= 0.0:
             raise ValueError("at alpha = 0 every patch weighs the same: there are no matches")
-        sigma = self._temperature(sigma)
         source, (grid_h, grid_w), candidates = self._queries(x_t, alpha, step, origin, global_grid)
         k = candidates.shape[1]
         compiled = getattr(self.patch_denoiser, "image_weights", None)

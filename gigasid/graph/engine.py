@@ -235,7 +235,7 @@ def _build_job(store: JobStore, building: Path, path: Path, image, config: JobCo
 def _build_index(store: JobStore, config: JobConfig, scale: int) -> None:
     """Build scale ``scale``'s candidate index from the stored reference into ``index/<scale>``."""
     level = torch.from_numpy(store.array(f"{store.manifest['dataset']}/{scale}")[...])
-    jobs.scale_denoiser(level, config, scale=scale, periodic=config.application == "tileable", index_dir=store.index_dir(scale))
+    jobs.scale_denoiser(level, config, periodic=config.application == "tileable", index_dir=store.index_dir(scale))
 
 
 def _write_given_coarsest(store: JobStore) -> None:

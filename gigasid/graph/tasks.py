@@ -41,7 +41,7 @@ def scale_stepper(path: str, scale: int) -> ScaleStepper:
     config = job_config(store)
     periodic = config.application == "tileable"
     level = torch.from_numpy(store.array(f"{manifest.get('dataset', 'reference')}/{scale}")[...])
-    denoiser = jobs.scale_denoiser(level, config, scale=scale, periodic=periodic, index_dir=store.index_dir(scale))
+    denoiser = jobs.scale_denoiser(level, config, periodic=periodic, index_dir=store.index_dir(scale))
     shapes = [tuple(s) for s in manifest["output_shapes"]]
     alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
     return ScaleStepper(

@@ -265,32 +265,3 @@ def test_matches_weights_compiled_equal_torch(sigma):
     torch.testing.assert_close(weights, weights_torch, rtol=0, atol=1e-4)
     torch.testing.assert_close(weights.sum(-1), torch.ones(21, 29), rtol=0, atol=1e-5)
 
-
-@pytest.mark.parametrize("compiled", [True, False])
-def test_committed_steps_take_each_patch_s_nearest_candidate(compiled):
-    """At σ <= commit_sigma every patch is its nearest candidate (exact distance) alone: the
-    closed form's σ → 0 limit, for the fold and for the matches; above it, the paper's softmax."""
-    from gigasid.core.image_denoiser import ImageDenoiser
-    from gigasid.index.candidates import ReferenceCandidates
-
-    generator = torch.Generator().manual_seed(1)
-    reference = torch.randn(3, 24, 30, generator=generator)
-    x = torch.randn(3, 20, 22, generator=generator)
-    source = ReferenceCandidates(reference, 5, k=4, index="exact")
-
-    def make(commit):
-        return ImageDenoiser(KnnDenoiser(reference, 5, compiled=compiled), patch_size=5, rho=0.2,
-                             candidate_source=source, commit_sigma=commit)
-
-    committed, paper = make(0.5), make(0.0)
-    positions, weights = committed.matches(x, 0.6, 0.4)
-    # one weight of 1 per query, on the candidate nearest by exact distance to x / alpha
-    assert torch.equal(weights.max(-1).values, torch.ones(weights.shape[:2]))
-    patches = gather_patches(reference, positions.reshape(-1, 4), 5)
-    queries = unfold_rows(x, 5, 0, 16)
-    dist = (queries[:, None, :] - 0.6 * patches).pow(2).sum(-1)
-    assert torch.equal(weights.reshape(-1, 4).argmax(1), dist.argmin(1))
-    # the image is the fold of those nearest patches: the same as the paper's sampler at σ → 0
-    torch.testing.assert_close(committed(x, 0.6, 0.4), paper(x, 0.6, 1e-4), rtol=0, atol=0)
-    assert not torch.allclose(committed(x, 0.6, 0.6), paper(x, 0.6, 1e-4))
-    torch.testing.assert_close(committed(x, 0.6, 0.6), paper(x, 0.6, 0.6), rtol=0, atol=0)

@@ -222,7 +222,7 @@ def test_a_shared_image_denoiser_is_thread_safe() -> None:
     (height, width), _ = BACKENDS["exact"]
     config = job_config("exact", "uncond")
     reference = rocket(height, width)
-    base = jobs.scale_denoiser(reference, config, scale=0, periodic=False).patch_denoiser
+    base = jobs.scale_denoiser(reference, config, periodic=False).patch_denoiser
     b_started_second_chunk, a_finished = threading.Event(), threading.Event()
     calls = {"A": 0, "B": 0}
 

@@ -59,9 +59,8 @@ def _tiled(path, image, config, size, tile, kind="threads"):
 CASES = {
     "uncond-correspondence": ("gigapixel", [], (200, 296)),
     "uncond-codec": ("gigapixel", ["latent.decode=codec"], (200, 296)),
-    # the coarse scale exact, committed late steps, the texture channel: the large-output options
-    "uncond-exact-coarse": ("gigapixel", ["denoiser.exact_below=2000", "denoiser.commit_sigma=0.3",
-                                          "latent.texture_channel=true"], (200, 296)),
+    # the large-output options: the texture channel, a narrower decode window
+    "uncond-texture": ("gigapixel", ["latent.texture_channel=true", "latent.decode_rho=0.1"], (200, 296)),
     "tileable-correspondence": ("texture", [], (192, 320)),
     "retarget-correspondence": ("panorama", [], (256, 600)),
 }

@@ -174,7 +174,7 @@ def _stepper(length: int, periodic: bool, blend: bool) -> ScaleStepper:
             "denoiser": {"backend": "exact", "compute_dtype": "float64"},
         },
     )
-    denoiser = jobs.scale_denoiser(reference, config, scale=0, periodic=periodic)
+    denoiser = jobs.scale_denoiser(reference, config, periodic=periodic)
     alphas, sigmas = make_noise_schedule("flow_linear", STEPS)
     coarser = (math.ceil(length / 2), math.ceil(length / 2)) if blend else None
     return ScaleStepper(
