@@ -65,12 +65,15 @@ def fetch_wallpapers(names: list[str]) -> dict[str, Path]:
     return wanted
 
 
-def parse_runs(specs: list[str]) -> list[tuple[str, list[float]]]:
-    """``preset[:area,area...]`` → (preset, area factors); no factors = the preset's own size."""
+def parse_runs(specs: list[str]) -> list[tuple[str, str, list[str], list[float]]]:
+    """``preset[+key=value...][:area,area...]`` → (label, preset, overrides, area factors); no
+    factors = the preset's own size. Overrides let one run compare a preset with its previous
+    settings, interleaved on the same machine state (e.g. ``gigapixel+latent.texture_channel=false``)."""
     runs = []
     for spec in specs:
-        preset, _, factors = spec.partition(":")
-        runs.append((preset, [float(f) for f in factors.split(",")] if factors else [0.0]))
+        label, _, factors = spec.partition(":")
+        preset, *overrides = label.split("+")
+        runs.append((label, preset, overrides, [float(f) for f in factors.split(",")] if factors else [0.0]))
     return runs
 
 
@@ -155,7 +158,8 @@ def main() -> None:
     parser.add_argument("--photos", nargs="*", default=DEFAULT_PHOTOS, help="wallpaper names")
     parser.add_argument("--photo", type=Path, action="append", default=[], help="another image file")
     parser.add_argument("--runs", nargs="*", default=["uncond:1", "gigapixel:1,4"],
-                        help="preset[:area factors], e.g. gigapixel:1,2,4 (no factors: the preset's size)")
+                        help="preset[+key=value...][:area factors], e.g. gigapixel:1,2,4 (no factors: the "
+                             "preset's size)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override for every run, as gigasid's --set (key=value)")
@@ -172,8 +176,8 @@ def main() -> None:
         ref_usage = metrics.source_usage(ref_u8, ref_u8)
         print(f"{name}: {ref_u8.shape[1]}x{ref_u8.shape[0]}, its own repetition {ref_usage.repetition:.3f}", flush=True)
         sheet_rows = []
-        for preset, areas in parse_runs(args.runs):
-            config = load_pipeline(preset, args.overrides)
+        for preset, name_of_preset, overrides, areas in parse_runs(args.runs):
+            config = load_pipeline(name_of_preset, args.overrides + overrides)
             for area in areas:
                 size = output_size(*ref_u8.shape[:2], area)
                 outputs = []
@@ -206,14 +210,14 @@ def main() -> None:
     for row in results:
         key = f"{row['preset']} x{row['area']:g}"
         summary.setdefault(key, []).append(row)
-    print(f"\n{'run':<16} {'detail':>7} {'fog':>6} {'top1%':>6} {'cov':>6} {'rep':>6} {'swd':>7} {'copy':>6} {'div':>6} {'s':>7}")
+    print(f"\n{'run':<44} {'detail':>7} {'fog':>6} {'top1%':>6} {'cov':>6} {'rep':>6} {'swd':>7} {'copy':>6} {'div':>6} {'s':>7}")
     table = {}
     for key, rows in summary.items():
         mean = {m: float(np.mean([r[m] for r in rows if m in r])) if any(m in r for r in rows) else float("nan")
                 for m in ("detail", "fog_fraction", "top1_share", "coverage", "repetition", "patch_swd",
                           "largest_copy_share", "diversity", "seconds")}
         table[key] = mean
-        print(f"{key:<16} {mean['detail']:7.3f} {mean['fog_fraction']:6.3f} {mean['top1_share']:6.3f} "
+        print(f"{key:<44} {mean['detail']:7.3f} {mean['fog_fraction']:6.3f} {mean['top1_share']:6.3f} "
               f"{mean['coverage']:6.3f} {mean['repetition']:6.3f} {mean['patch_swd']:7.4f} "
               f"{mean['largest_copy_share']:6.3f} {mean['diversity']:6.3f} {mean['seconds']:7.1f}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -82,9 +82,11 @@ def test_latent_store_holds_codec_latents_and_matches(tmp_path, coffee):
     store = engine.create_job(tmp_path / "job.zarr", coffee, config, size=(200, 296), seed=SEED, tile=18)
     store.release_lock()
     manifest = store.manifest
-    assert manifest["factor"] == 8 and manifest["channels"] == 16 and manifest["image_channels"] == 3
-    assert store.array("latent/0").shape == (16, 32, 48)
+    # 16 coefficients and the preset's texture channel
+    assert manifest["factor"] == 8 and manifest["channels"] == 17 and manifest["image_channels"] == 3
+    assert store.array("latent/0").shape == (17, 32, 48)
     assert store.load_codec_state()["basis"].shape == (3 * 256, 16)
+    assert store.load_codec_state()["texture"] is True
     assert store.array("scales/0/matches").shape == (25 - 5 + 1, 37 - 5 + 1, 5)
     assert store.array("output").shape == (3, 200, 296)
 
