@@ -424,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not is_disk_full(error):
             raise
-        print(f"{_line_break()}gigasid: error: {disk_full(_written_folder(args))}", file=sys.stderr)
+        advice = None
+        if args.command == "resume":  # what it had done is durable, as before it started
+            advice = f"the store keeps what is done: free some space, then run `gigasid resume {args.store}` again"
+        print(f"{_line_break()}gigasid: error: {disk_full(_written_folder(args), advice)}", file=sys.stderr)
         return 2
     return 0
 

@@ -267,7 +267,7 @@ def read_preset(name_or_path: str, directory: Path, what: str) -> dict:
             names = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
             raise ConfigError(f"unknown {what} {name_or_path!r}; available: {names} (or pass a .yaml file)")
     elif not path.is_file():
-        raise ConfigError(f"{what} file {path} does not exist")
+        raise ConfigError(f"{what} file {path} " + ("is a folder, not a YAML file" if path.is_dir() else "does not exist"))
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:

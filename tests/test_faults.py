@@ -412,6 +412,9 @@ def test_non_utf8_pipeline_and_scheduler_files(tmp_path, reference, capsys) -> N
     code, _, err = run_cli(capsys, "generate", reference, "-o", tmp_path / "j.zarr", *SMOKE, "--scheduler", profile)
     one_line(code, err, "sched.yaml", "UTF-8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.yaml", "sched.yaml"]
+    (tmp_path / "folder.yaml").mkdir()
+    code, _, err = run_cli(capsys, "generate", reference, "-o", tmp_path / "out.png", "--pipeline", tmp_path / "folder.yaml")
+    one_line(code, err, "folder.yaml", "is a folder")
 
 
 # --- 6. an unreachable cluster ---------------------------------------------------------------
@@ -502,6 +505,8 @@ def test_a_full_disk_during_a_job_keeps_the_store_for_resume(tmp_path, reference
     monkeypatch.setattr(local, "_put", put)
     monkeypatch.setattr(engine, "execute", execute)
     code, _, err = run_cli(capsys, "generate", reference, "-o", store, *SEEDED, "--tile", 24, "--scheduler", "sync")
+    one_line(code, err, "is full", f"gigasid resume {store}")
+    code, _, err = run_cli(capsys, "resume", store)  # still full: the same advice, nothing lost
     one_line(code, err, "is full", f"gigasid resume {store}")
     monkeypatch.undo()
     assert not list(store.rglob("*.partial")) and not (store / ".lock").exists()
