@@ -707,12 +707,17 @@ def test_stale_temporaries_of_killed_runs_are_removed(finished, tmp_path, refere
     alive = owner_tag()  # this process: never touched
     stale = [tmp_path / f".gigasid-{dead}-abc123", tmp_path / f".out_files.0123456789ab.{dead}.tmp",
              tmp_path / f".out.dzi.0123456789ab.{dead}.tmp.dzi", tmp_path / f".img.png.0123456789ab.{dead}.tmp.png"]
-    kept = [tmp_path / f".gigasid-{alive}-def456", tmp_path / ".out_files.0123456789ab.tmp", tmp_path / ".mine"]
-    for path in stale + kept:
+    # what version 0.1 left (no owner in the name): stale once untouched for a day
+    legacy = [tmp_path / ".out_files.0123456789ab.tmp", tmp_path / ".gigasid-k2j4_x9q"]
+    kept = [tmp_path / f".gigasid-{alive}-def456", tmp_path / ".out_files.0123456789ac.tmp", tmp_path / ".mine"]
+    for path in stale + legacy + kept:
         if path.name.endswith(("tmp.dzi", ".png")) or path.name == ".mine":
             path.write_bytes(b"x")
         else:
             (path / "1").mkdir(parents=True)
+    for path in legacy:
+        os.utime(path, (time.time() - 2 * 86400,) * 2)
+    stale += legacy
     code, _, err = run_cli(capsys, "export", finished, tmp_path / "out.dzi")
     assert code == 0, err
     code, _, err = run_cli(capsys, "generate", reference, "-o", tmp_path / "img.png", *SMOKE, "--tile", 24)

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import zlib
 from pathlib import Path
 
@@ -55,22 +56,43 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# what gigasid 0.1 named its temporaries, before the owner went into the name: exports'
+# ``.NAME.<12 hex>.tmp…``/``.old`` and image outputs' scratch ``.gigasid-<8 random>``; taken as
+# stale only when untouched for a day
+_UNOWNED_EXPORT = re.compile(r"\.[0-9a-f]{12}\.(tmp|old)")
+_UNOWNED_SCRATCH = re.compile(r"\.gigasid-[a-z0-9_]{8}")
+UNOWNED_AGE = 24 * 3600
+
+
 def is_stale(name: str) -> bool:
     """A temporary of a dead gigasid process on this host (never one of a live or remote one)."""
     match = _OWNER.search(name)
     return bool(match) and match.group(1) == _host() and not pid_alive(int(match.group(2)))
 
 
+def _unowned_and_old(entry: Path, prefix: str) -> bool:
+    legacy = _UNOWNED_SCRATCH.fullmatch(entry.name) or _UNOWNED_EXPORT.match(entry.name[len(prefix) - 1 :])
+    if _OWNER.search(entry.name) or not legacy:
+        return False
+    try:
+        return time.time() - entry.lstat().st_mtime > UNOWNED_AGE
+    except OSError:
+        return False
+
+
 def remove_stale(folder: Path, prefix: str) -> int:
-    """Delete the hidden entries of ``folder`` starting with ``prefix`` whose owner is dead;
-    returns how many. Only names gigasid makes match (:func:`owner_tag`)."""
+    """Delete the hidden entries of ``folder`` starting with ``prefix`` whose owner is dead (or,
+    for the owner-less names of earlier versions, untouched for a day); returns how many. Only
+    names gigasid makes match (:func:`owner_tag`)."""
     removed = 0
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
         return 0
     for entry in entries:
-        if entry.name.startswith(prefix) and entry.name.startswith(".") and is_stale(entry.name):
+        if not (entry.name.startswith(prefix) and entry.name.startswith(".")):
+            continue
+        if is_stale(entry.name) or _unowned_and_old(entry, prefix):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
