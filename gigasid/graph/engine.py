@@ -29,7 +29,7 @@ from gigasid.graph import tasks
 from gigasid.graph.profiles import Profile, open_executor
 from gigasid.io.disk import check_free_space, disk_full, is_disk_full
 from gigasid.io.store import JobStore, exists_error
-from gigasid.io.store_check import CheckReport, check_store, file_checksums
+from gigasid.io.store_check import CheckReport, check_store, file_checksums, source_available
 from gigasid.tiling.geometry import halo, tile_ranges
 
 # the pixel output's chunk side in latent jobs (their tiles are in latent cells, 8 px each)
@@ -161,6 +161,10 @@ def create_job(
     building = path.with_name(f".{path.name}.creating")
     if building.exists():
         JobStore.remove_abandoned(building)
+    if not isinstance(image, torch.Tensor):  # what `resume` reads again if the reference is damaged
+        from gigasid.io.store_check import file_crc32c
+
+        manifest["source_file"] = {"path": str(Path(image).resolve()), "crc32c": file_crc32c(Path(image))}
     # the image's channels are not read yet: count 3 (grey needs less); a latent job's are the codec's
     channels = 3 if factor == 1 else config.latent.channels
     check_free_space(path.parent, disk_estimate(manifest, channels, 3), force=force, what=f"the job store {path}")
@@ -246,24 +250,43 @@ def _write_given_coarsest(store: JobStore) -> None:
     store.array(f"scales/{coarsest}/final")[...] = resample(level, tuple(manifest["output_shapes"][-1])).numpy()
 
 
-def _encode_reference(store: JobStore, config: JobConfig, pixel_shapes, image_channels: int) -> int:
-    """Fit the job's codec on the stored pixel pyramid, keep it in the store, and write the
-    latents of every level (``latent/<s>``), band by band; returns the latent channels."""
-    from gigasid.codecs import encode_bands
-
+def _read_reference(store: JobStore):
     def read(level, box):
         return torch.from_numpy(store.array(f"reference/{level}")[:, box[0] : box[2], box[1] : box[3]])
 
-    codec = jobs.build_codec(config, read, pixel_shapes, image_channels)
+    return read
+
+
+def _encode_reference(store: JobStore, config: JobConfig, pixel_shapes, image_channels: int) -> int:
+    """Fit the job's codec on the stored pixel pyramid, keep it in the store, and write the
+    latents of every level (``latent/<s>``); returns the latent channels."""
+    codec = jobs.build_codec(config, _read_reference(store), pixel_shapes, image_channels)
     store.save_codec(codec.state())
-    for scale, shape in enumerate(pixel_shapes):
+    _write_latents(store, codec, pixel_shapes, range(len(pixel_shapes)))
+    return codec.channels
+
+
+def _write_latents(store: JobStore, codec, pixel_shapes, scales) -> None:
+    """``latent/<s>`` of the given levels, encoded band by band and written a whole chunk (256
+    latent rows) at a time: a write never reads back a chunk (nor finds a damaged one)."""
+    from gigasid.codecs import encode_bands
+
+    read = _read_reference(store)
+    for scale in scales:
+        shape = pixel_shapes[scale]
         rows, cols = jobs.latent_shape(*shape, codec.factor)
         latents = store.create_array(
             f"latent/{scale}", (codec.channels, rows, cols), (codec.channels, min(rows, 256), cols), "float32"
         )
-        for r0, band in encode_bands(codec, lambda b, scale=scale: read(scale, b), shape):
-            latents[:, r0 : r0 + band.shape[1]] = band.numpy()
-    return codec.channels
+        step = latents.chunks[1]
+        pending, top = [], 0
+        for _, band in encode_bands(codec, lambda b, scale=scale: read(scale, b), shape):
+            pending.append(band.numpy())
+            filled = sum(piece.shape[1] for piece in pending)
+            if filled >= step or top + filled == rows:
+                block = np.concatenate(pending, axis=1)
+                latents[:, top : top + block.shape[1]] = block
+                pending, top = [], top + block.shape[1]
 
 
 def plan_text(store: JobStore) -> str:
@@ -474,13 +497,27 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
     (the previous stage's buffer) or in a done-grid: the whole scale again (its earlier values
     are overwritten by then). The output's tiles and pyramid levels likewise. Sampling is a
     function of (seed, position), so the recomputed chunks are the lost ones, bit for bit. A
-    damaged index is rebuilt from the reference; what only the source image gives back (the
-    reference, its latents, the codec) raises instead.
+    damaged index is rebuilt from the reference, damaged latents are encoded again with the stored
+    codec, a damaged reference is read again from the source image if it is still there unchanged;
+    anything else (the codec, the reference without its source) raises instead.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     if report.fatal:
         raise report.error()
     manifest = store.manifest
+    # the inputs first: what the scales are recomputed from
+    if report.reference:
+        source = source_available(manifest)
+        ingest_reference(store, source, tasks.job_config(store))
+        log(f"reference: read again from {source}")
+    if report.latents:
+        from gigasid.codecs import from_state
+
+        pixel_shapes = [tuple(s) for s in manifest["pixel_reference_shapes"]]
+        _write_latents(store, from_state(store.load_codec_state()), pixel_shapes, sorted(report.latents))
+        log(f"latents: encoded level(s) {', '.join(map(str, sorted(report.latents)))} again")
+    if report.indexes:
+        store.update_manifest(index_checksums=_rebuild_indexes(store, sorted(report.indexes), log))
     scales_done = list(manifest["scales_done"])
     for scale, damage in sorted(report.scales.items()):
         done = store.array(f"scales/{scale}/done")
@@ -499,8 +536,6 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
         if scale in scales_done:
             scales_done.remove(scale)
     changes = {"scales_done": scales_done}
-    if report.indexes:
-        changes["index_checksums"] = _rebuild_indexes(store, sorted(report.indexes), log)
     if report.output_grid or report.output_tiles:
         done = store.array("output_done")
         if report.output_grid:

@@ -4,10 +4,11 @@ A store's done-grids and manifest claim that chunks are durable; this module rea
 chunk's bytes and checks its CRC-32C (``gigasid.io.store``), without decoding it, and reports what
 is missing or corrupt in terms the driver can act on:
 
-* the reference pyramid, its latents and the fitted codec (every chunk: any recomputation reads
-  them): only the source image can give these back, so damage here is not repairable from the
-  store; and the index files (their CRC-32C recorded in the manifest when they were built), which
-  are rebuilt from the reference;
+* the reference pyramid (read again from the source image when that is still there, unchanged:
+  its CRC-32C is in the manifest), its latents (encoded again with the stored codec) and the
+  fitted codec (every chunk: any recomputation reads them; a damaged codec is not repairable),
+  and the index files (their CRC-32C recorded in the manifest when they were built), which are
+  rebuilt from the reference;
 * per scale, the chunks the next stage relies on: the buffer the stage in progress writes (its
   done tiles), the buffer it reads (every tile: the previous stage's values), ``final`` of a
   finished scale (and then the buffer of its last step, needed to recompute a final tile), the last
@@ -31,7 +32,7 @@ import numpy as np
 from gigasid.errors import StoreDamagedError
 from gigasid.io.store import JobStore, chunk_problem, stage_buffers
 
-__all__ = ["CheckReport", "ScaleDamage", "check_store", "file_checksums"]
+__all__ = ["CheckReport", "ScaleDamage", "check_store", "file_checksums", "file_crc32c", "source_available"]
 
 Tile = tuple[int, int]
 
@@ -58,6 +59,8 @@ class CheckReport:
     output_grid: bool = False  # output_done itself is unreadable: every output tile is redone
     pyramid_levels_ok: int | None = None  # output-pyramid levels still good when one is damaged
     indexes: set[int] = field(default_factory=set)  # scales whose index files are damaged: rebuilt
+    reference: bool = False  # the reference pyramid is damaged, and the source image is there
+    latents: set[int] = field(default_factory=set)  # latent levels to encode again
 
     @property
     def ok(self) -> bool:
@@ -115,16 +118,32 @@ class _Reader:
         return damaged
 
 
+def file_crc32c(path: Path) -> str:
+    """CRC-32C (hex) of a file's bytes, read 16 MiB at a time."""
+    crc = 0
+    with Path(path).open("rb") as handle:
+        while block := handle.read(16 * 2**20):
+            crc = google_crc32c.extend(crc, block)
+    return f"{crc:08x}"
+
+
 def file_checksums(folder: Path) -> dict[str, str]:
     """CRC-32C (hex) of every file under ``folder``, by path relative to it (index files)."""
-    sums = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        crc = 0
-        with path.open("rb") as handle:
-            while block := handle.read(16 * 2**20):
-                crc = google_crc32c.extend(crc, block)
-        sums[path.relative_to(folder).as_posix()] = f"{crc:08x}"
-    return sums
+    return {path.relative_to(folder).as_posix(): file_crc32c(path)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file())}
+
+
+def source_available(manifest: dict) -> Path | None:
+    """The job's source image when it is still there, unchanged (its recorded CRC-32C): the
+    reference pyramid can be read from it again."""
+    source = manifest.get("source_file")
+    if not isinstance(source, dict) or not isinstance(source.get("path"), str):
+        return None
+    path = Path(source["path"])
+    try:
+        return path if path.is_file() and file_crc32c(path) == source.get("crc32c") else None
+    except OSError:
+        return None
 
 
 def check_store(store: JobStore, *, output_only: bool = False) -> CheckReport:
@@ -144,13 +163,22 @@ def check_store(store: JobStore, *, output_only: bool = False) -> CheckReport:
 
 def _check_inputs(reader: _Reader, manifest: dict) -> None:
     store = reader.store
+    report = reader.report
+    found = len(report.damaged)
     for scale in range(len(manifest.get("pixel_reference_shapes", manifest["reference_shapes"]))):
-        reader.chunks(f"reference/{scale}", fatal=True)
-    if manifest.get("dataset") == "latent":
-        for scale in range(len(manifest["reference_shapes"])):
-            reader.chunks(f"latent/{scale}", fatal=True)
+        reader.chunks(f"reference/{scale}")
+    if len(report.damaged) > found:  # read again from the source image, if it is still there
+        if source_available(manifest) is not None:
+            report.reference = True
+        else:
+            report.fatal.extend(report.damaged[found:])
+    codec_damage = len(report.damaged)
     for key in store.codec_arrays():
         reader.chunks(f"codec/{key}", fatal=True)
+    if manifest.get("dataset") == "latent":
+        for scale in range(len(manifest["reference_shapes"])):
+            if reader.chunks(f"latent/{scale}", fatal=len(report.damaged) > codec_damage):
+                report.latents.add(scale)  # encoded again with the stored codec
     report = reader.report
     for scale, sums in manifest.get("index_checksums", {}).items():
         folder = store.index_dir(int(scale))
