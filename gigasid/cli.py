@@ -353,12 +353,17 @@ def info_command(args: argparse.Namespace) -> None:
     print(f"{args.store}: gigasid {manifest['version']}, status {manifest['status']}")
     print(f"  source {manifest.get('source') or '-'}, seed {manifest['seed']}, size {manifest['size'][0]}x{manifest['size'][1]}, "
           f"tile {manifest['tile']}, halo {manifest['halo']}")
-    print(f"  application {config['application']}, backend {config['denoiser']['backend']}, "
-          f"T={config['num_steps']}, eta={config['eta']}, P={config['patch_size']}, rho={config['rho']}")
-    if config.get("latent", {}).get("codec", "pixel") != "pixel":
-        latent = config["latent"]
-        print(f"  latent space {latent['codec']} ({manifest['channels']} channels, {manifest['factor']} px per cell), "
-              f"decode {latent['decode']}")
+    def setting(dotted: str):  # shown as stored, "?" where the config lacks it (another version's)
+        value = config
+        for part in dotted.split("."):
+            value = value.get(part, "?") if isinstance(value, dict) else "?"
+        return value
+
+    print(f"  application {setting('application')}, backend {setting('denoiser.backend')}, "
+          f"T={setting('num_steps')}, eta={setting('eta')}, P={setting('patch_size')}, rho={setting('rho')}")
+    if setting("latent.codec") not in ("pixel", "?"):
+        print(f"  latent space {setting('latent.codec')} ({manifest['channels']} channels, {manifest.get('factor')} px "
+              f"per cell), decode {setting('latent.decode')}")
     for stage, seconds in manifest.get("setup_timings", {}).items():
         print(f"  setup {stage}: {seconds:.1f} s")
     timings = manifest.get("timings", {})

@@ -411,6 +411,29 @@ def test_a_damaged_manifest_is_one_line_for_every_command(finished, copy, capsys
     assert snapshot(store) == before
 
 
+WRONG_VALUES = {"null": None, "text": "x", "int": 7, "negative": -1, "list": [], "dict": {}, "float": 1.5,
+                "bool": True, "nested": [[1, "a"]], "mapping of text": {"0": "x", "levels_done": "x"}}
+
+
+def test_any_wrong_value_of_any_manifest_key_is_one_line_or_harmless(finished, tmp_path, capsys) -> None:
+    """Every key of a finished job's manifest, replaced by a value of every other kind: each
+    command exits 0 (the value was not needed, or resume repaired what it implied) or with one
+    line; no exception escapes (before: TypeError, KeyError, IndexError, ValueError)."""
+    manifest = JobStore.open(finished).manifest
+    for key in manifest:
+        for kind, value in WRONG_VALUES.items():
+            store = tmp_path / f"{key}-{kind}.zarr"
+            shutil.copytree(finished, store)
+            meta = json.loads((store / "zarr.json").read_text())
+            meta["attributes"]["gigasid"][key] = value
+            (store / "zarr.json").write_text(json.dumps(meta))
+            for command in (["info"], ["check"], ["export", tmp_path / "out.png"], ["resume", "--scheduler", "sync"]):
+                code, _, err = run_cli(capsys, command[0], store, *command[1:])
+                if code != 0:
+                    one_line(code, err)
+            shutil.rmtree(store)
+
+
 @pytest.mark.parametrize("array", ["output", "output_done", "scales/0/final", "reference/0", "scales/1/done"])
 def test_unreadable_array_metadata_is_one_line(finished, copy, capsys, array) -> None:
     store = copy(finished)
@@ -643,6 +666,24 @@ def test_the_viewer_answers_404_for_huge_numbers(finished) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_chunk_damaged_while_the_viewer_serves_is_an_error_answer(finished, copy, capsys) -> None:
+    from gigasid.io.viewer import make_server, open_source
+
+    store = copy(finished)
+    server = make_server(open_source(store, log=lambda message: None), 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    damage(store / "output/c/0/0/0", "bitflip")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/image_files/6/0_0.jpeg", timeout=10)
+        assert answer.value.code == 500
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "output/c/0/0/0 (checksum mismatch)" in err and "gigasid resume" in err
 
 
 # --- 10, 11. limits decided before computing --------------------------------------------------

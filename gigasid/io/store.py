@@ -149,16 +149,38 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         value = manifest.get(key)
         if key in manifest and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
             raise bad(key, " or ".join("null" if t is type(None) else t.__name__ for t in types))
+    for key in ("timings", "setup_timings", "compute_seconds"):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in manifest.get(key, {}).values()):
+            raise bad(key, "seconds by name")
+    pyramid = manifest.get("output_pyramid")
+    if pyramid is not None and not (
+        isinstance(pyramid.get("levels_done"), int) and isinstance(pyramid.get("chunk"), int)
+        and isinstance(pyramid.get("shapes"), list)
+        and all(isinstance(shape, list) and len(shape) == 2 for shape in pyramid["shapes"])
+    ):
+        raise bad("output_pyramid", "{levels_done, chunk, shapes}")
+    sums = manifest.get("index_checksums", {})
+    if not all(key.isdigit() and isinstance(files, dict) and all(isinstance(c, str) for c in files.values())
+               for key, files in sums.items()):
+        raise bad("index_checksums", "checksums by scale and file")
     if "config" in manifest:
         for key in _JOB_KEYS:
             if key not in manifest:
                 raise InputError(f"{path}: the manifest has no {key!r}; the store's zarr.json is damaged: run the job again")
-        for key in ("size", "output_shapes", "reference_shapes", "scales_done"):
-            value = manifest[key]
-            shapes = [value] if key == "size" else value if key != "scales_done" else [[v] for v in value]
-            if not all(isinstance(s, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in s)
-                       for s in shapes):
-                raise bad(key, "a list of non-negative integers" if key != "output_shapes" else "a list of [rows, cols]")
+        def counts(values, length=None) -> bool:
+            return isinstance(values, list) and (length is None or len(values) == length) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+        if not counts(manifest["size"], 2):
+            raise bad("size", "[rows, cols]")
+        if not counts(manifest["scales_done"]):
+            raise bad("scales_done", "a list of scale numbers")
+        for key in ("output_shapes", "reference_shapes", "pixel_reference_shapes"):
+            if key in manifest and not (manifest[key] and all(counts(shape, 2) for shape in manifest[key])):
+                raise bad(key, "a list of [rows, cols]")
+        steps = manifest["config"].get("num_steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise bad("config", "a job config with num_steps (read from the store's zarr.json)")
 
 
 class JobStore:

@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from xml.etree import ElementTree
 
-from gigasid.errors import InputError
+from gigasid.errors import GigasidError, InputError
 from gigasid.io.exporters.deepzoom import descriptor, encode_tile, files_folder, max_level, tile_pixels
 
 __all__ = ["DeepZoomFolder", "StoreTiles", "make_server", "open_source", "serve"]
@@ -173,7 +173,11 @@ class _Handler(BaseHTTPRequestHandler):
         match = _TILE_URL.match(route)
         if match:
             level, col, row = (int(match.group(i)) for i in (1, 2, 3))
-            body = self.source.tile(level, col, row, match.group(4))
+            try:
+                body = self.source.tile(level, col, row, match.group(4))
+            except GigasidError as error:  # a chunk damaged since the server started: say so, once a tile
+                sys.stderr.write(f"gigasid view: error: {error}\n")
+                return self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR, "damaged tile: see the terminal")
             if body is not None:
                 return self._send(body, f"image/{match.group(4)}")
         elif route.startswith("/openseadragon/"):
