@@ -179,14 +179,13 @@ def _check_inputs(reader: _Reader, manifest: dict) -> None:
         for scale in range(len(manifest["reference_shapes"])):
             if reader.chunks(f"latent/{scale}", fatal=len(report.damaged) > codec_damage):
                 report.latents.add(scale)  # encoded again with the stored codec
-    report = reader.report
     for scale, sums in manifest.get("index_checksums", {}).items():
         folder = store.index_dir(int(scale))
-        found = file_checksums(folder) if folder.is_dir() else {}
+        files = file_checksums(folder) if folder.is_dir() else {}
         for name, crc in sums.items():
             report.checked += 1
-            if found.get(name) != crc:
-                problem = "missing" if name not in found else "checksum mismatch"
+            if files.get(name) != crc:
+                problem = "missing" if name not in files else "checksum mismatch"
                 report.damaged.append(f"index/{scale}/{name} ({problem})")
                 report.indexes.add(int(scale))
 
