@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--export", action="append", default=[], type=Path, metavar="OUT",
                      help="after a .zarr job finishes, export it to OUT (as `gigasid export`, default options); repeatable")
     gen.add_argument("--force", action="store_true",
-                     help="start even when the plan's disk estimate exceeds the free space")
+                     help="start even when the plan's disk or memory estimate exceeds what is free")
     res = commands.add_parser("resume", help="continue a stopped out-of-core job from its store")
     res.add_argument("store", type=Path)
     res.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
@@ -201,7 +201,7 @@ def generate_command(args: argparse.Namespace) -> None:
         height, width, channels = image_shape(path)
         out_size = size or jobs.default_size(height, width, config)
         tiled = args.tile is not None or out_size[0] * out_size[1] > TILED_ABOVE_PIXELS
-        limits.check_in_memory(path, (height, width, channels), out_size, config, tiled=tiled)
+        limits.check_in_memory(path, (height, width, channels), out_size, config, tiled=tiled, force=args.force)
         for out_path in outputs:
             limits.check_image_output(out_path, out_size, channels)
         sizes.append((out_size, tiled))
@@ -253,11 +253,11 @@ def _generate_store(args, config, size) -> None:
     from gigasid.graph.profiles import load_profile
     from gigasid.io.images import image_shape
 
-    load_profile(args.scheduler)  # a bad profile fails before any work
-    limits.check_job_store(args.input, image_shape(args.input), config)
+    profile = load_profile(args.scheduler)  # a bad profile fails before any work
+    limits.check_job_store(args.input, image_shape(args.input), config, force=args.force)
     store = engine.create_job(
         args.output, args.input, config, size=size, seed=args.seed, tile=args.tile or default_tile(config),
-        source=str(args.input), force=args.force,
+        source=str(args.input), force=args.force, profile=profile,
     )
     print(f"{args.input} -> {args.output} (pipeline: {config.application}, seed {args.seed})")
     _run_store(store, args.scheduler)
@@ -272,13 +272,13 @@ def _tiled_to_image(args, config, size, image, seed, out_path, source) -> None:
     from gigasid.io.disk import owner_tag, remove_stale
     from gigasid.io.images import write_image
 
-    load_profile(args.scheduler)
+    profile = load_profile(args.scheduler)
     parent = out_path.parent if str(out_path.parent) else Path(".")
     remove_stale(parent, ".gigasid-")  # scratch stores of killed runs
     with tempfile.TemporaryDirectory(dir=parent, prefix=f".gigasid-{owner_tag()}-") as scratch:
         store = engine.create_job(
             Path(scratch) / "job.zarr", image, config, size=size, seed=seed,
-            tile=args.tile or default_tile(config), source=str(source), force=args.force,
+            tile=args.tile or default_tile(config), source=str(source), force=args.force, profile=profile,
         )
         print(f"{source} -> {out_path} (pipeline: {config.application}, seed {seed}, tiled)")
         _run_store(store, args.scheduler, resumable=False)

@@ -73,13 +73,16 @@ def _check_pixels(path: Path, height: int, width: int) -> None:
         )
 
 
-def check_in_memory(path: Path, shape: tuple[int, int, int], size: tuple[int, int], config, *, tiled: bool) -> None:
-    """Refuse a reference too large to sample in memory (or at all), with what to do instead."""
+def check_in_memory(
+    path: Path, shape: tuple[int, int, int], size: tuple[int, int], config, *, tiled: bool, force: bool = False
+) -> None:
+    """Refuse a reference too large to sample in memory (or at all), with what to do instead;
+    ``force`` skips the estimate (never the pixel limit)."""
     height, width, _ = shape
     _check_pixels(path, height, width)
     needed = working_set(shape, None if tiled else size, config)
     free = available_memory()
-    if needed > free:
+    if needed > free and not force:
         advice = (
             "write a job store instead (-o JOB.zarr), which streams the reference from the file and "
             "holds one tile at a time"
@@ -88,19 +91,19 @@ def check_in_memory(path: Path, shape: tuple[int, int, int], size: tuple[int, in
             advice = "give a downscaled copy of the reference (its patch index alone would not fit)"
         raise InputError(
             f"{path} ({height}x{width}) into {size[0]}x{size[1]} needs about {_gib(needed)} of memory in "
-            f"memory, and {_gib(free)} is available; {advice}"
+            f"memory, and {_gib(free)} is available; {advice} (or pass --force to start anyway)"
         )
 
 
-def check_job_store(path: Path, shape: tuple[int, int, int], config) -> None:
+def check_job_store(path: Path, shape: tuple[int, int, int], config, *, force: bool = False) -> None:
     """The reference of a job store: read in strips, but each scale's index is built whole."""
     height, width, _ = shape
     _check_pixels(path, height, width)
     needed, free = working_set(shape, None, config), available_memory()
-    if needed > free:
+    if needed > free and not force:
         raise InputError(
             f"{path} ({height}x{width}) needs about {_gib(needed)} of memory to index, and {_gib(free)} is "
-            "available; give a downscaled copy of the reference"
+            "available; give a downscaled copy of the reference (or pass --force to start anyway)"
         )
 
 

@@ -756,6 +756,19 @@ def test_force_starts_a_job_the_disk_estimate_refuses(tmp_path, reference, monke
     assert code == 0, err
 
 
+def test_the_memory_of_a_jobs_tasks_is_checked_before_it_starts(tmp_path, reference, finished, monkeypatch, capsys) -> None:
+    from gigasid import limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 20 * 2**20)  # the index fits, 2 tasks not
+    store = tmp_path / "j.zarr"
+    code, _, err = run_cli(capsys, "generate", reference, "-o", store, *SEEDED, "--tile", 24, "--scheduler", "threads")
+    one_line(code, err, "task(s) at once", "GiB", "--tile", "--force")
+    assert not list(tmp_path.iterdir())  # nothing created
+    code, _, err = run_cli(capsys, "generate", reference, "-o", store, *SEEDED, "--tile", 24, "--force")
+    assert code == 0, err
+    assert np.array_equal(output(store), output(finished))
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

@@ -12,6 +12,7 @@ what is missing or corrupt not done (:func:`repair`), so the damage is recompute
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import time
@@ -105,11 +106,13 @@ def create_job(
     tile: int,
     source: str = "",
     force: bool = False,
+    profile: Profile | None = None,
 ) -> JobStore:
     """Make the store of a new job: manifest, reference pyramid, indexes, buffers. Locked.
 
     ``image`` is the reference: an image file (read in strips) or a (C, H, W) tensor in [-1, 1].
-    The disk must have room for the plan's estimate of the store (``force``: start anyway).
+    The disk must have room for the plan's estimate of the store, and, with the ``profile`` it
+    will run on, the memory for its tasks (``force``: start anyway).
     """
     if config.application == "symmetric":
         raise InputError("the symmetric application runs in memory only; write a .png/.jpg/.tif output")
@@ -168,6 +171,8 @@ def create_job(
     # the image's channels are not read yet: count 3 (grey needs less); a latent job's are the codec's
     channels = 3 if factor == 1 else config.latent.channels
     check_free_space(path.parent, disk_estimate(manifest, channels, 3), force=force, what=f"the job store {path}")
+    if profile is not None and not force:
+        check_memory(manifest, config, channels, profile, what=f"the job {path}")
     try:
         store = JobStore.create(building, manifest)
         store.acquire_lock()
@@ -310,13 +315,39 @@ def plan_text(store: JobStore) -> str:
     disk = disk_estimate(manifest, channels, manifest.get("image_channels", channels))
     # rough rates measured on a 2-core CPU (bench/scaling.py): knn ~0.13 Mpx·step/s, exact far slower
     rate = 1.3e5 if config.denoiser.backend == "knn" else 2.0e3
-    side = tile + 2 * manifest["halo"]
-    memory = 40 * channels * side * side * 4 + 64 * 2**20
+    memory = task_memory(manifest)
     lines.append(
         f"  estimate: about {_duration(pixel_steps / rate)} on 2 cores, {disk / 2**30:.2f} GiB on disk, "
         f"{memory / 2**20:.0f} MiB per task plus the reference index"
     )
     return "\n".join(lines)
+
+
+def task_memory(manifest: dict, channels: int | None = None) -> int:
+    """Rough peak bytes of one tile task: ~40 float32 planes of the tile with its halo."""
+    side = manifest["tile"] + 2 * manifest["halo"]
+    return 40 * (channels or manifest["channels"]) * side * side * 4 + 64 * 2**20
+
+
+def check_memory(manifest: dict, config: JobConfig, channels: int, profile: Profile, *, what: str) -> None:
+    """Refuse a job whose tasks, run ``profile``'s way on this machine, would need more memory
+    than is available: the tasks in flight at once, plus one scale's reference index per process
+    that holds one. A ``cluster`` runs elsewhere: not checked."""
+    from gigasid.limits import available_memory, working_set
+
+    if profile.kind == "cluster":
+        return
+    parallel = 1 if profile.kind == "sync" else (profile.workers or os.cpu_count() or 1)
+    height, width = manifest["reference_shapes"][0]
+    index = working_set((height, width, channels), None, config)
+    holders = 1 if profile.kind == "threads" else parallel  # the index is cached once per process
+    needed, free = parallel * task_memory(manifest, channels) + holders * index, available_memory()
+    if needed > free:
+        raise InputError(
+            f"{what}: {parallel} task(s) at once ({profile.kind}) need about {needed / 2**30:.1f} GiB of "
+            f"memory and {free / 2**30:.1f} GiB is available; use a smaller --tile, a profile with fewer "
+            "workers, or pass --force to start anyway"
+        )
 
 
 def disk_estimate(manifest: dict, channels: int, image_channels: int) -> int:
