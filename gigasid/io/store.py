@@ -14,6 +14,7 @@ Layout (DESIGN.md §5)::
       scales/0/matches, weights int32 / float32 (grid_h, grid_w, k): the last step's candidates
                                 and weights per query (correspondence decode of latent jobs)
       output                    uint8 (C, H, W): the pixel image, chunk = output tile
+      output_done               uint8 (tiles_r, tiles_c): output tile (i, j) written
       .lock                     the writer's pid while a process writes the store
 
 Every chunk ends in a CRC-32C of its bytes (Zarr v3's ``crc32c`` codec after zstd), and every
@@ -99,11 +100,12 @@ class VerifiedLocalStore(LocalStore):
 
     def _verified(self, key: str, buffer, byte_range):
         array = chunk_array(key)
-        if not self.strict or array is None or (buffer is None and may_be_absent(array)):
+        if not self.strict or array is None:
             return buffer
-        problem = chunk_problem(None if buffer is None else buffer.to_bytes()) if byte_range is None else None
         if buffer is None:
-            problem = "missing"
+            problem = None if may_be_absent(array) else "missing"
+        else:  # a byte range (sharded reads; none here) cannot be checked on its own
+            problem = chunk_problem(buffer.to_bytes()) if byte_range is None else None
         if problem:
             raise StoreDamagedError(str(self.root), [f"{key} ({problem})"])
         return buffer
