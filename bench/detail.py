@@ -113,18 +113,18 @@ def _crop(img: np.ndarray, centre: tuple[int, int]) -> np.ndarray:
     return np.pad(crop, ((0, CROP - crop.shape[0]), (0, CROP - crop.shape[1]), (0, 0)))
 
 
-def _overview(img: np.ndarray, fog: metrics.FogMap | None) -> np.ndarray:
-    """The whole image fitted in a CROP × 2·CROP box, fogged blocks tinted red."""
+def _overview(img: np.ndarray, fog: metrics.FogMap | None, width: int) -> np.ndarray:
+    """The whole image fitted in a CROP × ``width`` box, fogged blocks tinted red."""
     shown = img.astype(np.float32)
     if fog is not None and fog.fogged.any():
         mask = np.kron(fog.fogged, np.ones((fog.block, fog.block), dtype=bool))
         mask = np.pad(mask, ((0, max(0, img.shape[0] - mask.shape[0])), (0, max(0, img.shape[1] - mask.shape[1]))))
         mask = mask[: img.shape[0], : img.shape[1]]
         shown[mask] = 0.5 * shown[mask] + 0.5 * np.array([255.0, 0.0, 0.0])
-    scale = min(CROP / img.shape[0], 2 * CROP / img.shape[1])
+    scale = min(CROP / img.shape[0], width / img.shape[1])
     small = pyvips.Image.new_from_array(shown.astype(np.uint8)).resize(scale, kernel="linear")
-    arr = small.numpy()[:CROP, : 2 * CROP]
-    return np.pad(arr, ((0, CROP - arr.shape[0]), (0, 2 * CROP - arr.shape[1]), (0, 0)))
+    arr = small.numpy()[:CROP, :width]
+    return np.pad(arr, ((0, CROP - arr.shape[0]), (0, width - arr.shape[1]), (0, 0)))
 
 
 def _most_detailed(ref: np.ndarray) -> tuple[int, int]:
@@ -140,13 +140,14 @@ def contact_sheet(path: Path, ref: np.ndarray, rows: list[tuple[str, np.ndarray,
     region (the reference: its most detailed region). Labels go in the JSON, rows in order."""
     lines = []
     detailed = _most_detailed(ref)
-    lines.append(np.concatenate([_overview(ref, None), _crop(ref, (ref.shape[0] // 2, ref.shape[1] // 2)),
+    width = min(2 * CROP, round(CROP * ref.shape[1] / ref.shape[0]))  # the reference's aspect
+    lines.append(np.concatenate([_overview(ref, None, width), _crop(ref, (ref.shape[0] // 2, ref.shape[1] // 2)),
                                  _crop(ref, detailed)], axis=1))
     for _, out, fog in rows:
         gap = fog.expected - fog.detail
         i, j = np.unravel_index(np.argmax(gap), gap.shape)
         foggiest = (int(i * fog.block + fog.block // 2), int(j * fog.block + fog.block // 2))
-        lines.append(np.concatenate([_overview(out, fog), _crop(out, (out.shape[0] // 2, out.shape[1] // 2)),
+        lines.append(np.concatenate([_overview(out, fog, width), _crop(out, (out.shape[0] // 2, out.shape[1] // 2)),
                                      _crop(out, foggiest)], axis=1))
     sheet = np.concatenate([np.pad(line, ((0, 6), (0, 0), (0, 0)), constant_values=255) for line in lines])
     path.parent.mkdir(parents=True, exist_ok=True)
