@@ -49,12 +49,7 @@ SEEDED = [*SMOKE, "--seed", 3]  # the seed of the stores made in process (make_s
 LATENT = ["patch_size=5", "num_steps=3", "min_short_side=10", "latent.channels=16", "index.kind=auto"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- helpers -----------------------------------------------------------------------------------
