@@ -71,8 +71,9 @@ class LatentConfig:
     #: how the pixel output is made: correspondence (fold the reference's own pixel patches at the
     #: last step's matches, with its weights; knn only) or codec (the codec's decoder)
     decode: Literal["correspondence", "codec"] = "correspondence"
-    #: pca: one more latent channel, the energy the coefficients leave out of each block, so
-    #: that textures they do not resolve stay apart from smooth regions of the same colour
+    #: one more latent channel, the energy the coefficients leave out of each block, so that
+    #: textures they do not resolve stay apart from smooth regions of the same colour (the pca
+    #: codec's; the vae's latents are what its encoder gives and the pixel space has no residual)
     texture_channel: bool = False
     #: correspondence decode: the window's ρ over the matched pixel patches (null = ``rho``);
     #: smaller keeps each pixel closer to the one patch centred on it, so where neighbouring
