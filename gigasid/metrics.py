@@ -579,27 +579,34 @@ def _block_grid(x: np.ndarray, block: int, stride: int) -> np.ndarray:
     return windows[::stride, ::stride]
 
 
+def _summed_area(x: np.ndarray) -> np.ndarray:
+    """The summed-area table of ``x`` over its leading two axes, with a zero first row and column."""
+    sat = np.zeros((x.shape[0] + 1, x.shape[1] + 1, *x.shape[2:]))
+    sat[1:, 1:] = x.astype(np.float64).cumsum(0).cumsum(1)
+    return sat
+
+
+def _box_means(sat: np.ndarray, size: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Means of the ``size``² windows whose top-left corners are the grid ``rows`` × ``cols``, read
+    from a :func:`_summed_area` table: any window size and stride costs the same."""
+    top, left = np.ix_(rows, cols)
+    return (sat[top + size, left + size] - sat[top, left + size] - sat[top + size, left] + sat[top, left]) / (
+        size * size
+    )
+
+
 def _block_features(img: np.ndarray, block: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per block: its coarse content (mean colour of its 2×2 quadrants, (n_r, n_c, 4·C)) and its
-    fine detail (mean |∇| of gray, (n_r, n_c)). Both from summed-area tables, so any stride is
-    cheap."""
+    """Per block on a ``stride`` grid: its coarse content (mean colour of its 2×2 quadrants,
+    (n_r, n_c, 4·C)) and its fine detail (mean |∇| of gray, (n_r, n_c))."""
     half = block // 2
-    # mean colour of every half-block window, then the four quadrants of each block
-    sat = np.pad(img.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0), (0, 0)))
-    quad = (sat[half:, half:] - sat[:-half, half:] - sat[half:, :-half] + sat[:-half, :-half]) / (half * half)
-    n_r = (img.shape[0] - block) // stride + 1
-    n_c = (img.shape[1] - block) // stride + 1
-    rows = np.arange(n_r) * stride
-    cols = np.arange(n_c) * stride
-    parts = [quad[np.ix_(rows + dr, cols + dc)] for dr in (0, half) for dc in (0, half)]
-    coarse = np.concatenate(parts, axis=-1)
+    rows = np.arange((img.shape[0] - block) // stride + 1) * stride
+    cols = np.arange((img.shape[1] - block) // stride + 1) * stride
+    colour = _summed_area(img)
+    coarse = np.concatenate(
+        [_box_means(colour, half, rows + dr, cols + dc) for dr in (0, half) for dc in (0, half)], axis=-1
+    )
     grad = np.pad(_gradient_magnitude(_gray(img)), ((0, 1), (0, 1)), mode="edge")
-    gsat = np.pad(grad.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    detail = (
-        gsat[np.ix_(rows + block, cols + block)] - gsat[np.ix_(rows, cols + block)]
-        - gsat[np.ix_(rows + block, cols)] + gsat[np.ix_(rows, cols)]
-    ) / (block * block)
-    return coarse, detail
+    return coarse, _box_means(_summed_area(grad), block, rows, cols)
 
 
 def fog_map(
@@ -693,8 +700,6 @@ def _repetition(gray: np.ndarray, min_shift: int) -> float:
     h, w = band.shape
     spectrum = np.fft.rfft2(band, s=(2 * h, 2 * w))
     corr = np.fft.irfft2(np.abs(spectrum) ** 2, s=(2 * h, 2 * w))
-    ones = np.fft.rfft2(np.ones_like(band), s=(2 * h, 2 * w))
-    overlap = np.fft.irfft2(np.abs(ones) ** 2, s=(2 * h, 2 * w))
     energy = corr[0, 0] / band.size
     if energy <= 0:
         return 0.0
@@ -704,7 +709,9 @@ def _repetition(gray: np.ndarray, min_shift: int) -> float:
     valid = (dist >= min_shift) & (np.abs(shifts_r)[:, None] <= h // 2) & (np.abs(shifts_c)[None, :] <= w // 2)
     if not valid.any():
         return 0.0
-    normalised = corr / np.maximum(overlap, 1.0) / energy
+    # pixels a shift keeps overlapping, to average the products over
+    overlap = np.outer(np.maximum(h - np.abs(shifts_r), 1.0), np.maximum(w - np.abs(shifts_c), 1.0))
+    normalised = corr / overlap / energy
     return float(normalised[valid].max())
 
 

@@ -264,4 +264,3 @@ def test_matches_weights_compiled_equal_torch(sigma):
     assert torch.equal(positions, positions_torch)
     torch.testing.assert_close(weights, weights_torch, rtol=0, atol=1e-4)
     torch.testing.assert_close(weights.sum(-1), torch.ones(21, 29), rtol=0, atol=1e-5)
-
