@@ -32,12 +32,19 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from importlib.resources import files
+
+    from gigasid.config import PIPELINES_DIR, preset_names
+
+    # the presets and profiles shipped in the package (gigasid/pipelines, gigasid/schedulers)
+    pipelines = ", ".join(preset_names(PIPELINES_DIR))
+    schedulers = ", ".join(preset_names(files("gigasid") / "schedulers"))
     parser = argparse.ArgumentParser(prog="gigasid", description="Training-free single-image diffusion.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate new images from one reference image")
     gen.add_argument("input", type=Path, help="reference image (PNG, JPEG, TIFF) or a folder of them")
     gen.add_argument("-o", "--output", type=Path, required=True, help="output image, or a folder for a folder input")
-    gen.add_argument("--pipeline", default="uncond", help="preset name (pipelines/NAME.yaml) or a YAML file")
+    gen.add_argument("--pipeline", default="uncond", help=f"preset name ({pipelines}) or a YAML file")
     gen.add_argument("--size", help="output size HEIGHTxWIDTH (default: the preset's output_scale × input)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first sample, 0 <= N < 2^63")
     gen.add_argument("--samples", type=int, default=1, help="samples per input (seeds seed, seed+1, ...)")
@@ -45,14 +52,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a preset setting, e.g. --set index.k=10 --set eta=1")
     gen.add_argument("--tile", type=int, help="run out of core through the tiled engine with this tile size "
                      "(px; latent cells of 8 px in a latent job; default 1024 px or 512 cells)")
-    gen.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
+    gen.add_argument("--scheduler", default="threads", help=f"execution profile ({schedulers}) or a YAML file")
     gen.add_argument("--export", action="append", default=[], type=Path, metavar="OUT",
                      help="after a .zarr job finishes, export it to OUT (as `gigasid export`, default options); repeatable")
     gen.add_argument("--force", action="store_true",
                      help="start even when the plan's disk or memory estimate exceeds what is free")
     res = commands.add_parser("resume", help="continue a stopped out-of-core job from its store")
     res.add_argument("store", type=Path)
-    res.add_argument("--scheduler", default="threads", help="execution profile (schedulers/NAME.yaml) or a YAML file")
+    res.add_argument("--scheduler", default="threads", help=f"execution profile ({schedulers}) or a YAML file")
     res.add_argument("--export", action="append", default=[], type=Path, metavar="OUT",
                      help="when the job is complete, export it to OUT (as `gigasid export`); repeatable")
     inf = commands.add_parser("info", help="show a job store's config, status and per-scale timings")

@@ -13,6 +13,8 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +22,9 @@ import yaml
 
 from gigasid.errors import ConfigError
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+# the presets ship inside the package (``gigasid/pipelines/*.yaml``, package data), so an installed
+# wheel finds them; the repository's top-level ``pipelines`` is a link to that folder
+PIPELINES_DIR: Traversable = files("gigasid") / "pipelines"
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, odd: bool = False) -> dict:
@@ -256,16 +260,22 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def read_preset(name_or_path: str, directory: Path, what: str) -> dict:
+def preset_names(directory: Traversable) -> list[str]:
+    """The names of the YAML presets in a folder of the package (``NAME.yaml`` → ``NAME``)."""
+    return sorted(p.name[: -len(".yaml")] for p in directory.iterdir() if p.name.endswith(".yaml") and p.is_file())
+
+
+def read_preset(name_or_path: str, directory: Traversable, what: str) -> dict:
     """The mapping in a YAML preset, by name (``directory/NAME.yaml``) or by file path.
 
-    ``what`` names the kind of preset in error messages ("pipeline", "scheduler profile").
+    ``directory`` is a folder of the installed package (``importlib.resources``); ``what`` names
+    the kind of preset in error messages ("pipeline", "scheduler profile").
     """
-    path = Path(name_or_path)
+    path: Path | Traversable = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = directory / f"{name_or_path}.yaml"
         if not path.is_file():
-            names = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+            names = ", ".join(preset_names(directory))
             raise ConfigError(f"unknown {what} {name_or_path!r}; available: {names} (or pass a .yaml file)")
     elif not path.is_file():
         raise ConfigError(f"{what} file {path} " + ("is a folder, not a YAML file" if path.is_dir() else "does not exist"))
@@ -285,11 +295,12 @@ def read_preset(name_or_path: str, directory: Path, what: str) -> dict:
 
 
 def available_pipelines() -> list[str]:
-    return sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
+    """The preset names ``load_pipeline`` accepts."""
+    return preset_names(PIPELINES_DIR)
 
 
 def load_pipeline(name_or_path: str, overrides: list[str] | None = None) -> JobConfig:
-    """A preset by name (``pipelines/NAME.yaml``) or a YAML file path, plus ``key=value`` overrides."""
+    """A preset by name (``gigasid/pipelines/NAME.yaml``) or a YAML file path, plus ``key=value`` overrides."""
     data = read_preset(name_or_path, PIPELINES_DIR, "pipeline")
     data = _merge(data, parse_overrides(overrides or []))
     return from_mapping(JobConfig, data)

@@ -1,4 +1,4 @@
-"""Execution profiles (``schedulers/*.yaml``): WHERE a job runs, never what it computes.
+"""Execution profiles (``gigasid/schedulers/*.yaml``): WHERE a job runs, never what it computes.
 
 A profile names a kind — ``sync``, ``threads``, ``processes`` (Dask's local schedulers),
 ``local-cluster`` (a ``distributed.LocalCluster`` started here) or ``cluster`` (a running
@@ -13,13 +13,14 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from importlib.resources import files
 from typing import Any, Literal
 
 from gigasid.config import from_mapping, read_preset
 from gigasid.errors import ConfigError, InputError
 
-SCHEDULERS_DIR = Path(__file__).resolve().parent.parent.parent / "schedulers"
+# package data, so that an installed wheel finds them (the repository's ``schedulers`` links here)
+SCHEDULERS_DIR = files("gigasid") / "schedulers"
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Profile:
 
 
 def load_profile(name_or_path: str) -> Profile:
-    """A profile by name (``schedulers/NAME.yaml``) or a YAML file path."""
+    """A profile by name (``gigasid/schedulers/NAME.yaml``) or a YAML file path."""
     return from_mapping(Profile, read_preset(name_or_path, SCHEDULERS_DIR, "scheduler profile"))
 
 
