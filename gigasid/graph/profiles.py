@@ -14,10 +14,13 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gigasid.config import from_mapping, read_preset
 from gigasid.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 # package data, so that an installed wheel finds them (the repository's ``schedulers`` links here)
 SCHEDULERS_DIR = files("gigasid") / "schedulers"
@@ -93,14 +96,19 @@ class LocalExecutor:
 
 
 class DistributedExecutor:
-    """A ``distributed`` client: a LocalCluster started here, or a running scheduler."""
+    """A ``distributed`` client: a LocalCluster started here, a running scheduler, or the caller's
+    own ``client`` (then ``profile`` is None, and the client is left open on close)."""
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile | None, *, client: Client | None = None):
         from distributed import Client, LocalCluster
 
         self.profile = profile
         self.cluster = None
-        if profile.kind == "local-cluster":
+        self.owns_client = client is None
+        if client is not None:
+            self.client = client
+            parallel = sum(client.nthreads().values()) or 1
+        elif profile.kind == "local-cluster":
             workers = profile.workers or os.cpu_count() or 1
             options = {"n_workers": workers, "threads_per_worker": profile.threads_per_worker,
                        "processes": True, "dashboard_address": None}
@@ -120,7 +128,7 @@ class DistributedExecutor:
                     "profile. Nothing was computed: a job store already created is kept for `gigasid resume`"
                 ) from None
             parallel = sum(self.client.nthreads().values()) or 1
-        self.threads = _compute_threads(profile, parallel)
+        self.threads = _compute_threads(profile or Profile(), parallel)
 
     def map(self, fn: Callable, items: list[tuple], on_done: Callable[[Any], None]) -> None:
         from distributed import as_completed
@@ -130,7 +138,8 @@ class DistributedExecutor:
             on_done(future.result())
 
     def close(self) -> None:
-        self.client.close()
+        if self.owns_client:
+            self.client.close()
         if self.cluster is not None:
             self.cluster.close()
 
@@ -174,9 +183,29 @@ _LIBC = None
 
 
 @contextlib.contextmanager
-def open_executor(profile: Profile) -> Iterator[LocalExecutor | DistributedExecutor]:
-    executor = DistributedExecutor(profile) if profile.kind in ("local-cluster", "cluster") else LocalExecutor(profile)
+def open_executor(profile: Profile | Client) -> Iterator[LocalExecutor | DistributedExecutor]:
+    """The executor of a profile, or of a ``distributed.Client`` the caller made (and closes)."""
+    if not isinstance(profile, Profile):
+        executor = DistributedExecutor(None, client=as_client(profile))
+    elif profile.kind in ("local-cluster", "cluster"):
+        executor = DistributedExecutor(profile)
+    else:
+        executor = LocalExecutor(profile)
     try:
         yield executor
     finally:
         executor.close()
+
+
+def as_client(where: Any) -> Client:
+    """``where`` if it is a ``distributed.Client``, else a ConfigError naming what is accepted."""
+    from distributed import Client
+
+    if not isinstance(where, Client):
+        raise ConfigError(
+            f"expected a scheduler profile (a name, a .yaml file or a Profile) or a distributed.Client, "
+            f"got {type(where).__name__}"
+        )
+    if where.status != "running":
+        raise InputError(f"the distributed.Client {where} is {where.status}, not running; open a new one")
+    return where
