@@ -1,8 +1,10 @@
 """gigasid: training-free single-image diffusion with the closed-form patch denoiser.
 
 The public surface is small: :func:`generate` samples one image in memory from a reference,
-:func:`load_pipeline` reads a preset into a typed :class:`JobConfig`. Everything else lives in
-the subpackages (``core`` math, ``index`` neighbours, ``io`` formats).
+:func:`load_pipeline` reads a preset into a typed :class:`JobConfig`, and :mod:`gigasid.api`
+(:func:`create_job`, :func:`open_job`, :func:`resume_job`, :func:`open_output`) runs and reads
+out-of-core jobs. Everything else lives in the subpackages (``core`` math, ``index`` neighbours,
+``io`` formats).
 """
 
 import os
@@ -15,6 +17,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 __version__ = "0.1.0"
 
 
+# the out-of-core jobs' Python API (gigasid.api)
+_API = ("Job", "JobProgress", "create_job", "job_progress", "open_job", "open_output", "resume_job")
+
+
 def __getattr__(name: str):
     # lazy, so that `import gigasid` stays cheap and the environment above is set first
     if name in ("generate", "prepare", "run"):
@@ -25,7 +31,14 @@ def __getattr__(name: str):
         from gigasid import config
 
         return getattr(config, name)
+    if name in _API:
+        from gigasid import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'gigasid' has no attribute {name!r}")
 
 
-__all__ = ["JobConfig", "__version__", "generate", "load_pipeline", "prepare", "run"]
+__all__ = [
+    "Job", "JobConfig", "JobProgress", "__version__", "create_job", "generate", "job_progress", "load_pipeline",
+    "open_job", "open_output", "prepare", "resume_job", "run",
+]
