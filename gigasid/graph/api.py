@@ -1,7 +1,7 @@
 """Out-of-core jobs from Python: create, submit, resume and follow a job; read its output as Dask.
 
 The same jobs as ``gigasid generate -o JOB.zarr`` and ``gigasid resume``, for a notebook or a
-script, re-exported as :mod:`gigasid.api`::
+script, re-exported as :mod:`gigasid.api` (which adds ``create_job``: a front end's checks)::
 
     job = create_job("big.zarr", "photo.jpg", pipeline="gigapixel", size=(8192, 8192))
     job.submit(client)            # a distributed.Client, a profile name ("threads"), or a Profile
@@ -10,8 +10,8 @@ script, re-exported as :mod:`gigasid.api`::
     image = open_output("big.zarr")            # dask.array uint8 (C, H, W)
     thumb = open_output("big.zarr", level=4)   # the output pyramid's level 4: 1/16 a side
 
-How the parts relate: :func:`create_job` writes the store (``engine.create_job``) and leaves it
-unlocked; :meth:`Job.submit` runs ``engine.execute`` (a new job) or ``engine.resume`` (one that
+How the parts relate: ``gigasid.api.create_job`` writes the store (``engine.create_job``) and
+leaves it unlocked; :meth:`Job.submit` runs ``engine.execute`` (a new job) or ``engine.resume`` (one that
 ran before: its chunks are checked and the damaged ones recomputed) in a background thread of this
 process, holding the store's lock, on the executor that ``profiles.open_executor`` makes of the
 profile or client. :func:`job_progress` reads only the store (manifest and done-grids), so it
@@ -42,13 +42,12 @@ if TYPE_CHECKING:
     import dask.array
     from distributed import Client
 
-    from gigasid.config import JobConfig
     from gigasid.graph.profiles import Profile
 
     #: what a job runs on: a profile's name or YAML file, a Profile, a distributed.Client; None: threads
     Where: TypeAlias = str | os.PathLike[str] | Profile | Client | None
 
-__all__ = ["Job", "JobProgress", "create_job", "job_progress", "open_job", "open_output", "resume_job"]
+__all__ = ["Job", "JobProgress", "job_progress", "open_job", "open_output", "resume_job"]
 
 
 @dataclass(frozen=True)
@@ -107,8 +106,8 @@ def job_progress(path: str | os.PathLike[str]) -> JobProgress:
 class Job:
     """A job store, and the run of it this process started (if any).
 
-    Made by :func:`create_job`, :func:`open_job` or :func:`resume_job`; holds only the path, so it
-    can be made again from the path in another process."""
+    Made by ``gigasid.api.create_job``, :func:`open_job` or :func:`resume_job`; holds only the
+    path, so it can be made again from the path in another process."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -205,56 +204,6 @@ class Job:
     def output(self, level: int = 0) -> dask.array.Array:
         """:func:`open_output` of this job."""
         return open_output(self.path, level)
-
-
-def create_job(
-    path: str | os.PathLike[str],
-    image: str | os.PathLike[str],
-    *,
-    pipeline: str | JobConfig = "gigapixel",
-    size: tuple[int, int] | None = None,
-    seed: int = 0,
-    tile: int | None = None,
-    overrides: list[str] | None = None,
-    force: bool = False,
-) -> Job:
-    """Create the store of a new job at ``path`` (``.zarr``) from the reference ``image`` (a file).
-
-    ``pipeline`` is a preset's name (``gigasid/pipelines``), a YAML file or a JobConfig;
-    ``overrides`` are ``"key=value"`` settings as ``--set``; ``size`` is (rows, cols) of the output
-    (default: the preset's); ``tile`` as ``--tile`` (px, or latent cells of 8 px in a latent job;
-    default 1024 px or 512 cells). The reference and the disk are checked as ``gigasid generate``
-    does (``force``: start anyway); the memory of the tasks is not, as the executor is not known
-    yet. Nothing is sampled until :meth:`Job.submit`."""
-    from gigasid import limits
-    from gigasid.cli import MAX_SEED, default_tile
-    from gigasid.config import JobConfig, _merge, from_mapping, load_pipeline, parse_overrides, to_mapping
-    from gigasid.graph import engine
-    from gigasid.io.images import image_shape
-
-    if isinstance(pipeline, JobConfig):
-        config = pipeline
-        if overrides:
-            config = from_mapping(JobConfig, _merge(to_mapping(config), parse_overrides(overrides)))
-    else:
-        config = load_pipeline(str(pipeline), overrides)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
-        raise InputError(f"seed must be an integer between 0 and 2^63 - 1, got {seed!r}")
-    if size is not None:
-        size = tuple(size)
-        if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size):
-            raise InputError(f"size must be (rows, cols), two positive integers, got {size!r}")
-    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
-        raise InputError(f"tile must be a positive integer, got {tile!r}")
-    image, path = Path(image), Path(path)
-    if path.exists() and os.path.realpath(path) == os.path.realpath(image):
-        raise InputError(f"the job store {path} is the reference {image}; choose another path")
-    limits.check_job_store(image, image_shape(image), config, force=force)
-    store = engine.create_job(
-        path, image, config, size=size, seed=seed, tile=tile or default_tile(config), source=str(image), force=force,
-    )
-    store.release_lock()  # taken again by whoever runs it
-    return Job(path)
 
 
 def open_job(path: str | os.PathLike[str]) -> Job:
