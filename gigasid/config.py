@@ -114,6 +114,10 @@ class JobConfig:
     output_scale: tuple[float, float] = (1.0, 1.0)
     #: mirror axis of the symmetric application
     symmetry: Literal["horizontal", "vertical", "both"] = "horizontal"
+    #: where the denoisers run: cpu (the numba kernels), cuda (their torch twins on the GPU, with
+    #: a FAISS GPU index where faiss has one; refused where torch sees no CUDA device) or auto
+    #: (cuda where torch sees one, else cpu); see ``core.device``
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)

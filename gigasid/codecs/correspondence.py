@@ -11,11 +11,17 @@ independent of which encoder produced the latents.
 The fold runs for one pixel box at a time from the matches of the queries whose patches touch it,
 so the output is tiled exactly like the rest of the job. Plain numpy in, numpy out: the callers
 gather the matches (``ImageDenoiser.matches``) and read the reference.
+
+Two implementations of one sum: :func:`_fold_matches`, a loop compiled by numba (the CPU path; the
+same function uncompiled is its plain-Python reading), and :func:`_fold_matches_torch`, vectorised
+over queries for any torch device (the CUDA path, and the CPU path without numba). Both accumulate
+in float64; they add the same terms in other orders (tests/core/test_torch_twins.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from gigasid.core.jit import numba  # None without numba: the slow path keeps the math
 from gigasid.core.patches import window_profile
@@ -99,6 +105,70 @@ def _fold_matches(reference, positions, weights, ref_grid_w, factor, window, que
 if numba is not None:
     _fold_matches = numba.njit(nogil=True, cache=True, boundscheck=False)(_fold_matches)
 
+# reference pixels gathered at once by the torch path (Q queries × k candidates × (f·P)² × C):
+# ~128 MB of float64 per block
+_TORCH_BLOCK_VALUES = 1 << 24
+
+
+def _fold_matches_torch(reference, positions, weights, ref_grid_w, factor, window, query_r0, query_c0,
+                        box, out_h, out_w, periodic):
+    """:func:`_fold_matches` for torch tensors on any device, vectorised over the queries.
+
+    ``reference`` (Hr, Wr, C) float32, ``positions``/``weights`` (n_r, n_c, k), ``window`` (fP,)
+    float64, all on one device. Returns (out (h, w, C), coverage (h, w)), float64: the same terms
+    as the loop, summed in another order (a block's weighted patches first, then scattered with
+    ``index_add_``).
+    """
+    device = reference.device
+    r0, c0, r1, c1 = box
+    box_h, box_w = r1 - r0, c1 - c0
+    channels = reference.shape[2]
+    size = window.shape[0]
+    n_r, n_c, k = positions.shape
+    offsets = torch.arange(size, device=device)
+
+    def targets(first: int, count: int, start: int, stop: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # (count, fP) box rows (or cols) of every query's patch pixels, and which lie in the box
+        where = factor * (first + torch.arange(count, device=device))[:, None] + offsets[None, :]
+        if periodic:
+            where = where % length
+        inside = (where >= start) & (where < stop)
+        return (where - start).clamp(0, stop - start - 1), inside
+
+    rows, row_in = targets(query_r0, n_r, r0, r1, out_h)
+    cols, col_in = targets(query_c0, n_c, c0, c1, out_w)
+    # coverage: every query's window, separable, over a product set of queries
+    coverage = torch.zeros(box_h, box_w, dtype=torch.float64, device=device)
+    row_cover = torch.zeros(box_h, dtype=torch.float64, device=device).index_add_(
+        0, rows[row_in], window.expand(n_r, size)[row_in]
+    )
+    col_cover = torch.zeros(box_w, dtype=torch.float64, device=device).index_add_(
+        0, cols[col_in], window.expand(n_c, size)[col_in]
+    )
+    coverage += torch.outer(row_cover, col_cover)
+    out = torch.zeros(box_h * box_w, channels, dtype=torch.float64, device=device)
+    w = weights.to(torch.float64)
+    w = torch.where((positions >= 0) & (w >= 1e-8), w, 0.0)  # the loop skips the others
+    cand = positions.clamp_min(0)
+    ref_top = factor * torch.div(cand, ref_grid_w, rounding_mode="floor")
+    ref_left = factor * (cand % ref_grid_w)
+    window_2d = torch.outer(window, window)[:, :, None]  # (fP, fP, 1)
+    queries = n_r * n_c
+    block = max(1, _TORCH_BLOCK_VALUES // max(1, k * size * size * channels))
+    for start in range(0, queries, block):
+        stop = min(queries, start + block)
+        a = torch.arange(start, stop, device=device) // n_c
+        b = torch.arange(start, stop, device=device) % n_c
+        tops, lefts, wq = ref_top.view(-1, k)[start:stop], ref_left.view(-1, k)[start:stop], w.view(-1, k)[start:stop]
+        ref_rows = tops[:, :, None, None] + offsets[None, None, :, None]  # (q, k, fP, 1)
+        ref_cols = lefts[:, :, None, None] + offsets[None, None, None, :]  # (q, k, 1, fP)
+        patches = reference[ref_rows, ref_cols].to(torch.float64)  # (q, k, fP, fP, C)
+        blended = (patches * wq[:, :, None, None, None]).sum(1) * window_2d  # (q, fP, fP, C)
+        target = rows[a][:, :, None] * box_w + cols[b][:, None, :]  # (q, fP, fP)
+        keep = row_in[a][:, :, None] & col_in[b][:, None, :]
+        out.index_add_(0, target[keep], blended[keep])
+    return out.view(box_h, box_w, channels), coverage
+
 
 def query_span(box: tuple[int, int], factor: int, patch_size: int, grid: int, *, periodic: bool) -> tuple[int, int]:
     """The latent query rows (or cols) whose pixel patches touch pixel rows [start, stop).
@@ -139,6 +209,7 @@ def fold_matches(
     box: Box,
     out_shape: tuple[int, int],
     periodic: bool = False,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """The (C, h, w) pixels of ``box`` from the matches of the queries touching it.
 
@@ -146,10 +217,23 @@ def fold_matches(
     (n_r, n_c, k) int64 reference latent patch indices (row · ``ref_grid_w`` + col, −1 = none) of
     the queries starting at global latent patch ``query_origin``, ``weights`` their weights;
     ``out_shape`` the pixel canvas (f × the latent grid) a periodic output wraps on. Pixels no
-    query touches stay 0.
+    query touches stay 0. ``device``: where the fold runs (None: the CPU); the numba loop on the
+    CPU, the torch code elsewhere or without numba. The result is a CPU array either way.
     """
-    window = window_profile(factor * patch_size, rho).numpy()
     r0, c0, r1, c1 = box
+    device = torch.device(device if device is not None else "cpu")
+    if numba is None or device.type != "cpu":
+        out, coverage = _fold_matches_torch(
+            torch.as_tensor(padded_reference, device=device),
+            torch.as_tensor(np.asarray(positions, dtype=np.int64), device=device),
+            torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device),
+            int(ref_grid_w), int(factor), window_profile(factor * patch_size, rho).to(device),
+            int(query_origin[0]), int(query_origin[1]), (int(r0), int(c0), int(r1), int(c1)),
+            int(out_shape[0]), int(out_shape[1]), bool(periodic),
+        )
+        out = out / coverage.clamp_min(1e-300)[:, :, None]
+        return out.permute(2, 0, 1).to(torch.float32).cpu().numpy()
+    window = window_profile(factor * patch_size, rho).numpy()
     channels = padded_reference.shape[2]
     out = np.zeros((r1 - r0, (c1 - c0) * channels), dtype=np.float64)
     coverage = np.zeros((r1 - r0, c1 - c0), dtype=np.float64)

@@ -43,6 +43,11 @@ class PatchDenoiser(Protocol):
     needs_candidates: bool
     #: how many queries one call handles efficiently; callers feed it pieces of this size
     chunk: int
+    #: where its dataset lives; queries must be there too (``ImageDenoiser`` moves them)
+    device: torch.device
+
+    def to(self, device: torch.device | str) -> PatchDenoiser:
+        """Move the dataset to ``device`` (in place) and return self."""
 
     def __call__(
         self, queries: torch.Tensor, alpha: float, sigma: float, candidates: torch.Tensor | None = None
@@ -60,7 +65,14 @@ class ExactDenoiser:
 
     needs_candidates = False
 
-    def __init__(self, dataset: torch.Tensor, *, compute_dtype: torch.dtype = torch.bfloat16, chunk: int = 128):
+    def __init__(
+        self,
+        dataset: torch.Tensor,
+        *,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        chunk: int = 128,
+        device: torch.device | str | None = None,
+    ):
         accumulate = torch.float64 if compute_dtype == torch.float64 else torch.float32
         self.mean = dataset.to(accumulate).mean(0)
         centred = dataset.to(accumulate) - self.mean
@@ -75,6 +87,17 @@ class ExactDenoiser:
         # slow path for denormal results: measured 21 vs 8 ms per softmax of a 256 x 40 248 chunk
         # at sigma 0.2-0.5 with the floor at log(tiny) + 1 instead of this one, the same output
         self._underflow = math.log(torch.finfo(accumulate).tiny) + 1.0 + math.log(max(1, dataset.shape[0]))
+        self.device = self.centred.device
+        if device is not None:
+            self.to(device)
+
+    def to(self, device: torch.device | str) -> ExactDenoiser:
+        """The dataset on ``device`` (computed where it was given, then moved: the same values)."""
+        self.mean, self.centred, self.centred_t, self.sq_norms = (
+            t.to(device) for t in (self.mean, self.centred, self.centred_t, self.sq_norms)
+        )
+        self.device = self.centred.device
+        return self
 
     def __call__(self, queries, alpha, sigma, candidates=None):
         if alpha == 0.0:
@@ -127,13 +150,29 @@ class FusedDenoiser:
 
     needs_candidates = False
 
-    def __init__(self, dataset: torch.Tensor, *, compute_dtype: torch.dtype = torch.bfloat16, chunk: int = 8192):
+    def __init__(
+        self,
+        dataset: torch.Tensor,
+        *,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        chunk: int = 8192,
+        device: torch.device | str | None = None,
+    ):
         accumulate = torch.float64 if compute_dtype == torch.float64 else torch.float32
         self.mean = dataset.to(accumulate).mean(0)
         centred = dataset.to(accumulate) - self.mean
         self.centred = centred
         self.sq_norms = centred.pow(2).sum(1)
         self.compute_dtype, self.accumulate, self.chunk = compute_dtype, accumulate, chunk
+        self.device = self.centred.device
+        if device is not None:
+            self.to(device)
+
+    def to(self, device: torch.device | str) -> FusedDenoiser:
+        """The dataset on ``device`` (computed where it was given, then moved: the same values)."""
+        self.mean, self.centred, self.sq_norms = (t.to(device) for t in (self.mean, self.centred, self.sq_norms))
+        self.device = self.centred.device
+        return self
 
     def __call__(self, queries, alpha, sigma, candidates=None):
         if alpha == 0.0:
@@ -162,13 +201,31 @@ class KnnDenoiser:
 
     needs_candidates = True
 
-    def __init__(self, reference: torch.Tensor, patch_size: int, *, chunk: int = 256, compiled: bool = True):
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        patch_size: int,
+        *,
+        chunk: int = 256,
+        compiled: bool = True,
+        device: torch.device | str | None = None,
+    ):
         self.reference = reference.to(torch.float32).contiguous()
         self.compiled = compiled and knn_fold.available()
         self.patch_size, self.chunk = patch_size, chunk
         self.mean = patch_mean(self.reference, patch_size)
         self.sq_norms = patch_sq_norms(self.reference, patch_size)  # (N,), gathered by position
         self._kernel = None  # the compiled CPU path, bound to this reference on first use
+        self.device = self.reference.device
+        if device is not None:
+            self.to(device)
+
+    def to(self, device: torch.device | str) -> KnnDenoiser:
+        """The reference on ``device``; off the CPU the torch path runs (the compiled one is
+        CPU-only)."""
+        self.reference, self.mean, self.sq_norms = (t.to(device) for t in (self.reference, self.mean, self.sq_norms))
+        self.device = self.reference.device
+        return self
 
     def __call__(self, queries, alpha, sigma, candidates=None):
         if alpha == 0.0:
@@ -201,7 +258,7 @@ class KnnDenoiser:
         """The (m, k) softmax weights of each query's candidates (0 for a missing one): what
         :meth:`__call__` averages with, for a caller that needs the matches themselves."""
         scale = 1.0 / (2.0 * sigma * sigma)
-        out = torch.zeros(candidates.shape, dtype=torch.float32)
+        out = torch.zeros(candidates.shape, dtype=torch.float32, device=queries.device)
         for start in range(0, queries.shape[0], self.chunk):
             q = queries[start : start + self.chunk].to(torch.float32)
             cand = candidates[start : start + self.chunk]
@@ -212,7 +269,7 @@ class KnnDenoiser:
     def image_weights(self, source, candidates, alpha, sigma, grid_h, grid_w) -> torch.Tensor | None:
         """:meth:`weights` of every patch of ``source`` by the compiled CPU path, or None where it
         does not apply (the caller then unfolds and calls :meth:`weights`)."""
-        if not self.compiled or source.device.type != "cpu":
+        if not self.compiled or source.device.type != "cpu" or self.device.type != "cpu":
             return None
         kernel = self._compiled()
         found = kernel.weights(source.numpy(), candidates.contiguous().numpy(), alpha, sigma, grid_h, grid_w)
@@ -231,7 +288,7 @@ class KnnDenoiser:
         The CPU fast path (:mod:`gigasid.core.knn_fold`); returns False where it does not apply
         (CUDA tensors, numba missing, ``compiled=False``) and the caller runs the generic loop.
         """
-        if not self.compiled or source.device.type != "cpu":
+        if not self.compiled or source.device.type != "cpu" or self.device.type != "cpu":
             return False
         self._compiled()(
             source.numpy(),

@@ -4,6 +4,11 @@ Patches are processed in bands of patch rows so the (M, D) patch matrix of the n
 never held whole; each band is folded into the output canvas as soon as it is denoised. A
 periodic denoiser wraps patches around the image edges (tileable output). Where a backend needs
 nearest-neighbour candidates, a :class:`CandidateSource` supplies them for the whole grid first.
+
+An image denoiser has a ``device``: its backend's reference data and its candidate source live
+there, inputs are moved there, and results go back to the caller's device, so a caller holding
+CPU arrays (the engine) is the same whatever the device. On the CPU the backends' numba kernels
+run; elsewhere their torch twins do.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class CandidateSource(Protocol):
     ) -> torch.Tensor:
         """x_t (C, H, W) → (grid_h·grid_w, k) int64 positions in the reference grid (-1 = none).
 
+        A source that has a ``to(device)`` method is moved to the image denoiser's device.
+
         ``step`` is the sampler's step index: a source may reuse what it found at step + 1.
         With ``crop`` x_t is a plain crop of a larger image (periodic or not) whose patch grid is
         ``global_grid``, and ``origin`` is the global (row, col) of its first patch.
@@ -60,9 +67,18 @@ class ImageDenoiser:
         periodic: bool = False,
         candidate_source: CandidateSource | None = None,
         band_queries: int = 16384,
+        device: torch.device | str = "cpu",
     ):
         if patch_denoiser.needs_candidates and candidate_source is None:
             raise ValueError("this denoiser backend needs a candidate source (an index)")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        # the reference data moves once, here; a backend without ``to`` stays where it is
+        if hasattr(patch_denoiser, "to"):
+            patch_denoiser = patch_denoiser.to(self.device)
+        if hasattr(candidate_source, "to"):
+            candidate_source = candidate_source.to(self.device)
         self.patch_denoiser = patch_denoiser
         self.patch_size = patch_size
         self.window = patch_window(patch_size, rho)
@@ -113,7 +129,7 @@ class ImageDenoiser:
             candidates = self.candidate_source(
                 x_t, alpha, periodic=self.periodic, step=step, origin=origin or (0, 0), global_grid=global_grid,
                 crop=origin is not None,
-            )
+            ).to(x_t.device)
         return source, grid_shape(height, width, size, periodic=periodic), candidates
 
     def __call__(
@@ -131,8 +147,11 @@ class ImageDenoiser:
         A crop of a larger image (a tile and its halo) passes ``origin``, the global (row, col)
         of its first patch, and ``global_grid``, the whole image's patch grid: it is denoised as a
         plain image (its edges are not the image's; the caller keeps only the part far enough
-        inside), with candidates chosen by global position.
+        inside), with candidates chosen by global position. x_t may be on any device: it is
+        denoised on this denoiser's, and x_hat comes back on x_t's.
         """
+        caller = x_t.device
+        x_t = x_t.to(self.device)
         _, height, width = x_t.shape
         periodic = self.periodic and origin is None
         window = self.window.to(device=x_t.device)
@@ -146,7 +165,7 @@ class ImageDenoiser:
         if periodic:
             canvas = wrap_periodic(canvas, height, width)
         canvas /= window_sum(height, width, window.double(), periodic=periodic)
-        return canvas.to(torch.float32)
+        return canvas.to(torch.float32).to(caller)
 
     def matches(
         self,
@@ -165,17 +184,18 @@ class ImageDenoiser:
             raise ValueError("matches need a knn backend (dense backends weigh every patch)")
         if alpha <= 0.0:
             raise ValueError("at alpha = 0 every patch weighs the same: there are no matches")
-        source, (grid_h, grid_w), candidates = self._queries(x_t, alpha, step, origin, global_grid)
+        caller = x_t.device
+        source, (grid_h, grid_w), candidates = self._queries(x_t.to(self.device), alpha, step, origin, global_grid)
         k = candidates.shape[1]
         compiled = getattr(self.patch_denoiser, "image_weights", None)
         weights = None if compiled is None else compiled(source, candidates, alpha, sigma, grid_h, grid_w)
         if weights is not None:
-            return candidates.reshape(grid_h, grid_w, k), weights.reshape(grid_h, grid_w, k)
-        weights = torch.empty(candidates.shape, dtype=torch.float32)
+            return candidates.reshape(grid_h, grid_w, k).to(caller), weights.reshape(grid_h, grid_w, k).to(caller)
+        weights = torch.empty(candidates.shape, dtype=torch.float32, device=source.device)
         band = max(1, self.band_queries // grid_w)
         for row0 in range(0, grid_h, band):
             row1 = min(grid_h, row0 + band)
             first, last = row0 * grid_w, row1 * grid_w
             queries = unfold_rows(source, self.patch_size, row0, row1)
             weights[first:last] = self.patch_denoiser.weights(queries, alpha, sigma, candidates[first:last])
-        return candidates.reshape(grid_h, grid_w, k), weights.reshape(grid_h, grid_w, k)
+        return candidates.reshape(grid_h, grid_w, k).to(caller), weights.reshape(grid_h, grid_w, k).to(caller)

@@ -64,15 +64,36 @@ def gaussian_noise(
     *,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Standard normal noise (C, row1-row0, col1-col0), float32, for a half-open global box."""
-    row0, col0, row1, col1 = box
+    """Standard normal noise (C, row1-row0, col1-col0), float32, for a half-open global box.
+
+    On the CPU the numba kernel draws it, elsewhere (or without numba) the torch code: the same
+    integer hash and the same float64 Box–Muller, so the same float32 bits
+    (tests/core/test_torch_twins.py). The one caveat: log and cos come from different libraries
+    (libm, torch's vectorised CPU code, CUDA), which differ in the last float64 bit for ~0.1 % of
+    arguments; that reaches the float32 result only when it straddles a rounding boundary, about
+    once in 10^11 values.
+    """
     if numba is not None and torch.device(device).type == "cpu":
-        keys = np.array([_stream_key(seed, scale, step, c) for c in range(channels)], dtype=np.int64)
-        out = np.empty((channels, row1 - row0, col1 - col0), dtype=np.float32)
-        # numba's workqueue threading layer must not be entered from two threads at once
-        serial = numba.get_num_threads() == 1 or threading.current_thread() is not threading.main_thread()
-        (_noise_serial if serial else _noise_parallel)(keys.view(np.uint64), row0, col0, out)
-        return torch.from_numpy(out)
+        return _noise_compiled(seed, scale, step, channels, box)
+    return _noise_torch(seed, scale, step, channels, box, device=device)
+
+
+def _noise_compiled(seed: int, scale: int, step: int, channels: int, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """The CPU path: one numba loop per channel plane."""
+    row0, col0, row1, col1 = box
+    keys = np.array([_stream_key(seed, scale, step, c) for c in range(channels)], dtype=np.int64)
+    out = np.empty((channels, row1 - row0, col1 - col0), dtype=np.float32)
+    # numba's workqueue threading layer must not be entered from two threads at once
+    serial = numba.get_num_threads() == 1 or threading.current_thread() is not threading.main_thread()
+    (_noise_serial if serial else _noise_parallel)(keys.view(np.uint64), row0, col0, out)
+    return torch.from_numpy(out)
+
+
+def _noise_torch(
+    seed: int, scale: int, step: int, channels: int, box: tuple[int, int, int, int], *, device: torch.device | str
+) -> torch.Tensor:
+    """The reference and CUDA path: int64 tensors wrap like uint64, logical shifts are masked."""
+    row0, col0, row1, col1 = box
     rows = torch.arange(row0, row1, dtype=torch.int64, device=device)[:, None]
     cols = torch.arange(col0, col1, dtype=torch.int64, device=device)[None, :]
     counter = ((rows << 32) + cols) << 1  # two draws per position

@@ -184,11 +184,14 @@ def resample_axis(
 
 
 def _resample_gathered(image: torch.Tensor, axis: int, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The torch path (any device): the compiled path's sum, tap by tap. Each product is rounded
+    before it is added, as in the kernel (``addcmul_`` fuses them on CPUs with FMA, a bit apart),
+    so the two give the same bits (tests/core/test_torch_twins.py)."""
     shape = [1] * image.dim()
     shape[axis] = -1
     out = image.index_select(axis, local[:, 0]) * weights[:, 0].reshape(shape)
     for tap in range(1, local.shape[1]):
-        out.addcmul_(image.index_select(axis, local[:, tap]), weights[:, tap].reshape(shape))
+        out += image.index_select(axis, local[:, tap]) * weights[:, tap].reshape(shape)
     return out
 
 

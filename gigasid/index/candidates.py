@@ -97,16 +97,38 @@ class PatchFeatures:
             kernel(pixels, width * channels, channels, size, rows.numpy().astype(np.int64),
                    cols.numpy().astype(np.int64), self._kernel_basis, self._kernel_offset, out)
             return torch.from_numpy(out)
+        return self._project_torch(image, rows, cols)
+
+    def _project_torch(self, image: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The torch path of :meth:`project` (any device; ``image`` contiguous float32): float64
+        products of ``4096`` patches at a time with the basis, rounded to float32 once. The
+        compiled path sums in float32 in another order: the two agree to float32 round-off."""
+        channels, height, width = image.shape
+        size = self.patch_size
+        device = image.device
+        basis, offset = self._basis_on(device)
+        rows, cols = rows.to(device), cols.to(device)
         corners = image.as_strided(
-            (grid_h, grid_w, channels, size, size), (width, 1, height * width, width, 1), image.storage_offset()
+            (height - size + 1, width - size + 1, channels, size, size),
+            (width, 1, height * width, width, 1),
+            image.storage_offset(),
         )
-        out = torch.empty(len(rows) * len(cols), self.dims, dtype=torch.float32)
+        out = torch.empty(len(rows) * len(cols), self.dims, dtype=torch.float32, device=device)
         step = max(1, 4096 // max(1, len(cols)))
         for start in range(0, len(rows), step):
             block = corners[rows[start : start + step]][:, cols].reshape(-1, channels * size * size)
-            features = block.to(torch.float64) @ self.basis - self.offset
+            features = block.to(torch.float64) @ basis - offset
             out[start * len(cols) : start * len(cols) + features.shape[0]] = features.to(torch.float32)
         return out
+
+    def _basis_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(basis, offset) on ``device``: moved once and kept (the saved ones stay on the CPU)."""
+        if self.basis.device == device:
+            return self.basis, self.offset
+        moved = getattr(self, "_moved", None)
+        if moved is None or moved[0] != device:
+            moved = self._moved = (device, self.basis.to(device), self.offset.to(device))
+        return moved[1], moved[2]
 
     @functools.cached_property
     def _kernel_basis(self) -> np.ndarray:
@@ -128,7 +150,7 @@ class PatchFeatures:
         energy = F.avg_pool2d(image[None].double().pow(2).sum(0, keepdim=True)[None, 0], size, 1)[0, 0] * size * size
         # ⟨y, mean⟩ by a float32 convolution (a float64 one has no fast CPU kernel: 20x slower);
         # its round-off, ~1e-6 of ‖y‖², is far below what ranking by these norms resolves
-        cross = F.conv2d(image[None].to(torch.float32), self.mean_filter)[0, 0].double()
+        cross = F.conv2d(image[None].to(torch.float32), self.mean_filter.to(image.device))[0, 0].double()
         centred_sq = (energy - 2.0 * cross + self.mean_sq).flatten()
         return (centred_sq - projected.double().pow(2).sum(1)).clamp_min(0.0).sqrt().to(torch.float32)
 
@@ -174,6 +196,7 @@ class ReferenceCandidates:
         self.index = build_index(self.vectors, index, **options)
         self.kind, self.nprobe = index, nprobe
         self._previous: tuple[int, torch.Tensor] | None = None  # (step, candidates)
+        self.device = torch.device("cpu")
 
     _STATE = "candidates.pt"
     _INDEX = "index.bin"
@@ -212,6 +235,22 @@ class ReferenceCandidates:
                 setattr(self.features, name, value)
         self.index = load_index(str(directory / cls._INDEX), self.kind, nprobe=self.nprobe)
         self._previous = None
+        self.device = torch.device("cpu")
+        return self
+
+    def to(self, device: torch.device | str) -> ReferenceCandidates:
+        """Search on ``device`` (in place): queries are projected there by the torch path of
+        :class:`PatchFeatures`, the index moves there (FAISS: a GPU index where the installed
+        faiss has GPUs, else the CPU index stays) and candidates come back there. Call it after
+        :meth:`save`: what is saved stays device-free."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.index = self.index.to(device)
+        if self.vectors is not None and self.coherence != "none":  # only the coherence pools read them
+            self.vectors = self.vectors.to(device)
+        self._previous = None
         return self
 
     def _raw_rows(self, image: torch.Tensor) -> torch.Tensor:
@@ -248,7 +287,7 @@ class ReferenceCandidates:
         its halo): the strided search picks its searched queries by global position, so a tile
         finds exactly what the whole image finds.
         """
-        scaled = x_t.to(torch.float32) / alpha
+        scaled = x_t.to(device=self.device, dtype=torch.float32) / alpha
         if periodic and not crop:
             size = self.patch_size - 1
             scaled = F.pad(scaled[None], (0, size, 0, size), mode="circular")[0]
@@ -311,11 +350,14 @@ class ReferenceCandidates:
         cols, col_slot, d_col = axis(grid_w, origin[1], global_grid[1])
         sub = self.query_vectors(image, rows, cols)  # only the searched patches are projected
         found = self.index.search(sub, self.k).view(len(rows), len(cols), -1)
-        if _spread_matches is not None:  # the same as below in one compiled pass (~6 ms a step at 186x248)
+        if _spread_matches is not None and found.device.type == "cpu":
+            # the same as below in one compiled pass (~6 ms a step at 186x248)
             out = np.empty((grid_h * grid_w, found.shape[2]), dtype=np.int64)
             _spread_matches(found.contiguous().numpy(), row_slot.numpy(), col_slot.numpy(), d_row.numpy(),
                             d_col.numpy(), ref_h, ref_w, out)
             return torch.from_numpy(out)
+        row_slot, col_slot = row_slot.to(found.device), col_slot.to(found.device)
+        d_row, d_col = d_row.to(found.device), d_col.to(found.device)
         spread = found[row_slot][:, col_slot]  # (grid_h, grid_w, k)
         ref_row = spread // ref_w + d_row[:, None, None]
         ref_col = spread % ref_w + d_col[None, :, None]

@@ -47,7 +47,11 @@ def auto_thresholds() -> str:
 
 class VectorIndex(Protocol):
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """(M, d) float32 → (M, k) int64 row ids, nearest first, -1 where fewer than k exist."""
+        """(M, d) float32 → (M, k) int64 row ids, nearest first, -1 where fewer than k exist; on
+        the queries' device."""
+
+    def to(self, device: torch.device) -> VectorIndex:
+        """The index searching on ``device`` (where it can; else itself)."""
 
     def save(self, path: str) -> None:
         """Write the index to one file; :func:`load_index` opens it again."""
@@ -67,12 +71,18 @@ class BruteForceIndex:
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         k_eff = min(k, self.vectors.shape[0])
-        out = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
+        device = self.vectors.device
+        out = torch.full((queries.shape[0], k), -1, dtype=torch.int64, device=device)
         for start in range(0, queries.shape[0], self.chunk):
-            q = queries[start : start + self.chunk].to(torch.float64)
+            q = queries[start : start + self.chunk].to(device=device, dtype=torch.float64)
             dist = self.sq_norms - 2.0 * (q @ self.vectors.T)  # + ‖q‖², constant per row
             out[start : start + self.chunk, :k_eff] = dist.topk(k_eff, dim=1, largest=False).indices
-        return out
+        return out.to(queries.device)
+
+    def to(self, device: torch.device) -> BruteForceIndex:
+        """Search on ``device``: the vectors move there (in place)."""
+        self.vectors, self.sq_norms = self.vectors.to(device), self.sq_norms.to(device)
+        return self
 
     def save(self, path: str) -> None:
         torch.save({"kind": "exact", "vectors": self.vectors}, path)
@@ -124,14 +134,36 @@ class FaissIndex:
         self._quantizer = index if kind == "flat" else quantizer  # keep the quantizer alive
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        # a GPU index takes host arrays too (it copies them over itself)
         q = np.ascontiguousarray(queries.to(torch.float32).cpu().numpy())
         _, ids = self.index.search(q, k)
-        return torch.from_numpy(ids)
+        return torch.from_numpy(ids).to(queries.device)
+
+    def to(self, device: torch.device) -> FaissIndex:
+        """Search on a CUDA ``device`` with a FAISS GPU index (a copy of this one) where the
+        installed faiss has GPU support (``faiss.get_num_gpus() > 0``); elsewhere the CPU index
+        stays (results come back on the queries' device either way). In place."""
+        import faiss
+
+        device = torch.device(device)
+        on_gpu = getattr(self, "_gpu_resources", None) is not None
+        if device.type != "cuda" or on_gpu or getattr(faiss, "get_num_gpus", lambda: 0)() < 1:
+            return self
+        resources = faiss.StandardGpuResources()
+        nprobe = getattr(self.index, "nprobe", None)
+        self.index = faiss.index_cpu_to_gpu(resources, device.index or 0, self.index)
+        if nprobe is not None:  # kept by the copy in recent faiss; set it whatever the version
+            faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
+        self._gpu_resources = resources  # the GPU index lives as long as its resources
+        return self
 
     def save(self, path: str) -> None:
         import faiss
 
-        faiss.write_index(self.index, path)
+        index = self.index
+        if getattr(self, "_gpu_resources", None) is not None:
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, path)
 
     @classmethod
     def open(cls, path: str, *, nprobe: int) -> FaissIndex:
