@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--samples", type=int, default=1, help="samples per input (seeds seed, seed+1, ...)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a preset setting, e.g. --set index.k=10 --set eta=1")
+    gen.add_argument("--device", choices=("cpu", "cuda", "auto"),
+                     help="where the denoisers run (the same as --set device=...; auto: cuda where torch sees one)")
     gen.add_argument("--tile", type=int, help="run out of core through the tiled engine with this tile size "
                      "(px; latent cells of 8 px in a latent job; default 1024 px or 512 cells)")
     gen.add_argument("--scheduler", default="threads", help=f"execution profile ({schedulers}) or a YAML file")
@@ -177,7 +179,10 @@ def generate_command(args: argparse.Namespace) -> None:
     if args.tile is not None and args.tile < 1:
         raise InputError(f"--tile must be a positive number of pixels, got {args.tile}")
     size = parse_size(args.size) if args.size else None
-    config = load_pipeline(args.pipeline, args.overrides)
+    config = load_pipeline(args.pipeline, args.overrides + ([f"device={args.device}"] if args.device else []))
+    from gigasid.core.device import resolve_device
+
+    resolve_device(config.device)  # cuda on a machine without one: refused before any work
     if args.export and args.output.suffix != ".zarr":
         raise InputError(
             f"--export exports a job store: write the job to one (-o JOB.zarr --export {args.export[0]}), "
