@@ -108,17 +108,29 @@ def encode_bands(codec: Codec, read_pixels, shape: tuple[int, int], *, band_cell
         yield r0, encode_box(codec, read_pixels, shape, (r0, 0, min(rows, r0 + band_cells), cols))
 
 
+def _pca_from_state(state: dict) -> Codec:
+    from gigasid.codecs.lapped_pca import LappedPCACodec
+
+    return LappedPCACodec.from_state(state)
+
+
+def _vae_from_state(state: dict) -> Codec:
+    from gigasid.codecs.vae import VaeCodec
+
+    return VaeCodec.from_state(state)
+
+
+#: codec name → rebuild from :meth:`Codec.state` (the modules load only when used)
+FROM_STATE = {
+    "pixel": lambda state: PixelCodec(int(state["image_channels"])),
+    "pca": _pca_from_state,
+    "vae": _vae_from_state,
+}
+
+
 def from_state(state: dict) -> Codec:
     """Rebuild a codec from what :meth:`Codec.state` returned (as a job store keeps it)."""
     name = state.get("name")
-    if name == "pixel":
-        return PixelCodec(int(state["image_channels"]))
-    if name == "pca":
-        from gigasid.codecs.lapped_pca import LappedPCACodec
-
-        return LappedPCACodec.from_state(state)
-    if name == "vae":
-        from gigasid.codecs.vae import VaeCodec
-
-        return VaeCodec.from_state(state)
-    raise ValueError(f"unknown codec {name!r}")
+    if name not in FROM_STATE:
+        raise ValueError(f"unknown codec {name!r}")
+    return FROM_STATE[name](state)

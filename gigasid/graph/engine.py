@@ -1,12 +1,16 @@
-"""The driver of an out-of-core job: create its store, run its stages on an executor, resume it.
+"""The driver of a job: create its store, run its task graphs on an executor, resume it.
 
-A job runs scale by scale, coarsest first; a scale is a chain of T + 1 stages (x_T, then one per
-step), each a set of independent tile tasks (``graph.tasks``) that read x_t with its computed halo
-from one ping-pong buffer and write their core to the other. The driver alone writes the manifest
-and the done-grids, after each task reports, so what is marked done is durable; a killed job
-resumes from the first stage with a tile not done and produces the same pixels. Before it does,
-``resume`` reads back every chunk the done-grids claim (``gigasid.io.store_check``) and marks
-what is missing or corrupt not done (:func:`repair`), so the damage is recomputed, not read as zeros.
+A job runs scale by scale, coarsest first. A scale is one task graph (:func:`scale_graph`): T + 1
+steps of every tile (x_T, then one per sampler step), each step of a tile waiting only on the
+steps of the tiles whose values it reads (its halo) or overwrites, never on a whole-stage barrier;
+a tile step reads x_t from one ping-pong buffer and writes its core to the other
+(``graph.tasks``, the step itself is ``tiling.step``). An in-memory job is the same graph on a
+store held in memory, one whole-image tile per scale (:func:`run_in_memory`). The driver alone
+writes the manifest and the done-grids, after each task reports, so what is marked done is
+durable; a killed job resumes from the tile steps not done and produces the same pixels. Before
+it does, ``resume`` reads back every chunk the done-grids claim (``gigasid.io.store_check``) and
+marks what is missing or corrupt not done (:func:`repair`), so the damage is recomputed, not read
+as zeros.
 """
 
 from __future__ import annotations
@@ -16,21 +20,24 @@ import os
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gigasid import __version__, jobs
+from gigasid import __version__
+from gigasid import plan as job_plan
+from gigasid.codecs import latent_shape
 from gigasid.config import JobConfig, to_mapping
 from gigasid.core.patches import grid_shape
-from gigasid.core.pyramid import resample
 from gigasid.errors import InputError
 from gigasid.graph import tasks
 from gigasid.graph.profiles import Profile, open_executor
 from gigasid.io.disk import check_free_space, disk_full, is_disk_full
 from gigasid.io.store import JobStore, exists_error
 from gigasid.io.store_check import CheckReport, check_store, file_checksums, source_available
+from gigasid.plan import JobPlan
 from gigasid.tiling.geometry import halo, tile_ranges
 
 # the pixel output's chunk side in latent jobs (their tiles are in latent cells, 8 px each)
@@ -60,7 +67,7 @@ def ingest_reference(store: JobStore, source: torch.Tensor | str | Path, config:
 
     A file is read in strips (pyvips, sequentially) into ``reference/0``; every coarser level is
     resampled band by band from the level above, with the same taps and arithmetic as
-    ``jobs.reference_pyramid``, so the values are those of the in-memory pyramid.
+    ``plan.reference_pyramid``, so the values are those of the in-memory pyramid.
     """
     from gigasid.io.images import image_shape, read_strips
 
@@ -71,7 +78,7 @@ def ingest_reference(store: JobStore, source: torch.Tensor | str | Path, config:
         height, width, channels = image_shape(source)
         # model space [-1, 1]: the same elementwise op as the in-memory path
         strips = ((top, strip.transpose(2, 0, 1) * 2.0 - 1.0) for top, strip in read_strips(source, rows))
-    shapes = jobs.pixel_reference_shapes(height, width, config)
+    shapes = job_plan.pixel_reference_shapes(height, width, config)
     level0 = store.create_array("reference/0", (channels, height, width), (channels, rows, width), "float32")
     for top, strip in strips:
         level0[:, top : top + strip.shape[1]] = strip.astype(np.float32)
@@ -114,8 +121,6 @@ def create_job(
     The disk must have room for the plan's estimate of the store, and, with the ``profile`` it
     will run on, the memory for its tasks (``force``: start anyway).
     """
-    if config.application == "symmetric":
-        raise InputError("the symmetric application runs in memory only; write a .png/.jpg/.tif output")
     if config.denoiser.backend == "knn" and config.index.coherence != "none":
         raise InputError("tiled jobs need index.coherence: none (coherence reads the whole image)")
     if isinstance(image, torch.Tensor):
@@ -124,11 +129,11 @@ def create_job(
         from gigasid.io.images import image_shape
 
         height, width, _ = image_shape(image)
-    pixel_shapes = jobs.pixel_reference_shapes(height, width, config)
-    ref_shapes = jobs.reference_shapes(height, width, config)
-    size = tuple(size or jobs.default_size(height, width, config))
-    out_shapes = jobs.output_shapes(pixel_shapes, size, config)
-    factor = jobs.codec_factor(config)
+    pixel_shapes = job_plan.pixel_reference_shapes(height, width, config)
+    ref_shapes = job_plan.reference_shapes(height, width, config)
+    size = tuple(size or job_plan.default_size(height, width, config))
+    out_shapes = job_plan.output_shapes(pixel_shapes, size, config)
+    factor = job_plan.codec_factor(config)
     reach = job_halo(config, out_shapes)
     if tile <= reach:
         unit = "px" if factor == 1 else f"latent cells of {factor} px"
@@ -192,8 +197,7 @@ def _build_job(store: JobStore, building: Path, path: Path, image, config: JobCo
     ref_shapes = manifest["reference_shapes"]
     pixel_shapes = [tuple(s) for s in manifest["pixel_reference_shapes"]]
     out_shapes = [tuple(s) for s in manifest["output_shapes"]]
-    factor, tile, size = manifest["factor"], manifest["tile"], tuple(manifest["size"])
-    periodic = config.application == "tileable"
+    factor = manifest["factor"]
     setup = {}  # seconds per setup stage, for `gigasid info` and the benchmarks
     started = time.perf_counter()
     _, image_channels = ingest_reference(store, image, config)
@@ -214,37 +218,48 @@ def _build_job(store: JobStore, building: Path, path: Path, image, config: JobCo
             str(scale): file_checksums(store.index_dir(scale)) for scale in range(len(ref_shapes))
         })
     store.update_manifest(setup_timings=setup)
-    steps = config.num_steps
-    for scale, (height, width) in enumerate(out_shapes):
-        chunks = (channels, min(tile, height), min(tile, width))
-        for name in ("x0", "x1", "final"):
-            store.create_array(f"scales/{scale}/{name}", (channels, height, width), chunks, "float32")
-        grid = (len(tile_ranges(height, tile)), len(tile_ranges(width, tile)))
-        store.create_array(f"scales/{scale}/done", (steps + 1, *grid), (1, *grid), "uint8")
-    if factor > 1 and config.latent.decode == "correspondence":
-        # the last step's matches per query of the finest scale, chunked like its tiles
-        grid_h, grid_w = grid_shape(*out_shapes[0], config.patch_size, periodic=periodic)
-        k = config.index.k
-        chunks = (min(tile, grid_h), min(tile, grid_w), k)
-        store.create_array("scales/0/matches", (grid_h, grid_w, k), chunks, "int32", fill_value=-1)
-        store.create_array("scales/0/weights", (grid_h, grid_w, k), chunks, "float32")
-    height, width = size if factor > 1 else out_shapes[0]
-    out_tile = store.manifest["output_tile"]
-    chunks = (image_channels, min(out_tile, height), min(out_tile, width))
-    store.create_array("output", (image_channels, height, width), chunks, "uint8")
-    grid = (len(tile_ranges(height, out_tile)), len(tile_ranges(width, out_tile)))
-    store.create_array("output_done", grid, grid, "uint8")
-    if config.application == "retarget":  # the coarsest scale is given, not sampled
+    create_buffers(store, JobPlan.from_manifest(store.manifest), output_dtype="uint8")
+    if job_plan.application(config).given_coarsest:  # the coarsest scale is given, not sampled
         _write_given_coarsest(store)
         store.update_manifest(scales_done=[len(out_shapes) - 1])
     building.rename(path)
     return JobStore.open(path)  # still locked by us: the lock file moved with the directory
 
 
+def create_buffers(store: JobStore, plan: JobPlan, *, output_dtype: str) -> None:
+    """The arrays a job's tasks write: per scale the x_t ping-pong buffers, the finished scale and
+    the done-grid, chunked like the tiles; the last step's matches (correspondence decode); the
+    pixel output and its done-grid."""
+    tile, channels, steps = plan.tile, plan.channels, plan.config.num_steps
+    for scale, (height, width) in enumerate(plan.output_shapes):
+        chunks = (channels, min(tile, height), min(tile, width))
+        for name in ("x0", "x1", "final"):
+            store.create_array(f"scales/{scale}/{name}", (channels, height, width), chunks, "float32")
+        grid = (len(tile_ranges(height, tile)), len(tile_ranges(width, tile)))
+        store.create_array(f"scales/{scale}/done", (steps + 1, *grid), (1, *grid), "uint8")
+    if plan.correspondence:
+        # the last step's matches per query of the finest scale, chunked like its tiles
+        grid_h, grid_w = grid_shape(*plan.output_shapes[0], plan.config.patch_size, periodic=plan.periodic)
+        k = plan.config.index.k
+        chunks = (min(tile, grid_h), min(tile, grid_w), k)
+        store.create_array("scales/0/matches", (grid_h, grid_w, k), chunks, "int32", fill_value=-1)
+        store.create_array("scales/0/weights", (grid_h, grid_w, k), chunks, "float32")
+    height, width = plan.size if plan.factor > 1 else plan.output_shapes[0]
+    out_tile = plan.output_tile
+    chunks = (plan.image_channels, min(out_tile, height), min(out_tile, width))
+    store.create_array("output", (plan.image_channels, height, width), chunks, output_dtype)
+    grid = (len(tile_ranges(height, out_tile)), len(tile_ranges(width, out_tile)))
+    store.create_array("output_done", grid, grid, "uint8")
+
+
 def _build_index(store: JobStore, config: JobConfig, scale: int) -> None:
-    """Build scale ``scale``'s candidate index from the stored reference into ``index/<scale>``."""
-    level = torch.from_numpy(store.array(f"{store.manifest['dataset']}/{scale}")[...])
-    jobs.scale_denoiser(level, config, periodic=config.application == "tileable", index_dir=store.index_dir(scale))
+    """Build scale ``scale``'s candidate index from the stored reference into ``index/<scale>``,
+    beside a memory-mappable copy of the level its workers read."""
+    dataset = store.manifest["dataset"]
+    level = torch.from_numpy(store.array(f"{dataset}/{scale}")[...])
+    job_plan.scale_denoiser(level, config, periodic=job_plan.application(config).periodic,
+                            index_dir=store.index_dir(scale))
+    store.write_level_copy(dataset, scale)
 
 
 def _write_given_coarsest(store: JobStore) -> None:
@@ -252,7 +267,36 @@ def _write_given_coarsest(store: JobStore) -> None:
     manifest = store.manifest
     coarsest = len(manifest["output_shapes"]) - 1
     level = torch.from_numpy(store.array(f"{manifest['dataset']}/{len(manifest['reference_shapes']) - 1}")[...])
-    store.array(f"scales/{coarsest}/final")[...] = resample(level, tuple(manifest["output_shapes"][-1])).numpy()
+    values = job_plan.given_coarsest(level, tuple(manifest["output_shapes"][-1]))
+    store.array(f"scales/{coarsest}/final")[...] = values.numpy()
+
+
+def run_in_memory(
+    plan: JobPlan,
+    denoisers: list,
+    *,
+    codec=None,
+    pixel_reference: np.ndarray | None = None,
+    given_coarsest: torch.Tensor | None = None,
+) -> JobStore:
+    """Run a job whose denoisers are built, in this process, on a store held in memory: one
+    whole-image tile per scale and the synchronous executor. The same tasks as any store job;
+    the output is float32 in [-1, 1] (``output``), beside every finished scale."""
+    manifest = {**plan.manifest(), "version": __version__, "scales_done": [], "output_done": False,
+                "status": "created", "timings": {}}
+    store = JobStore.in_memory(manifest)
+    create_buffers(store, plan, output_dtype="float32")
+    if given_coarsest is not None:
+        coarsest = len(plan.output_shapes) - 1
+        store.array(f"scales/{coarsest}/final")[...] = given_coarsest.numpy()
+        store.update_manifest(scales_done=[coarsest])
+    key = tasks.register_memory_job(tasks.MemoryJob(store, denoisers, codec, pixel_reference))
+    try:
+        with open_executor(Profile(kind="sync")) as executor:
+            execute(store, executor, progress=Progress(quiet=True))
+    finally:
+        tasks.forget(key)
+    return store
 
 
 def _read_reference(store: JobStore):
@@ -265,7 +309,7 @@ def _read_reference(store: JobStore):
 def _encode_reference(store: JobStore, config: JobConfig, pixel_shapes, image_channels: int) -> int:
     """Fit the job's codec on the stored pixel pyramid, keep it in the store, and write the
     latents of every level (``latent/<s>``); returns the latent channels."""
-    codec = jobs.build_codec(config, _read_reference(store), pixel_shapes, image_channels)
+    codec = job_plan.build_codec(config, _read_reference(store), pixel_shapes, image_channels)
     store.save_codec(codec.state())
     _write_latents(store, codec, pixel_shapes, range(len(pixel_shapes)))
     return codec.channels
@@ -279,7 +323,7 @@ def _write_latents(store: JobStore, codec, pixel_shapes, scales) -> None:
     read = _read_reference(store)
     for scale in scales:
         shape = pixel_shapes[scale]
-        rows, cols = jobs.latent_shape(*shape, codec.factor)
+        rows, cols = latent_shape(*shape, codec.factor)
         latents = store.create_array(
             f"latent/{scale}", (codec.channels, rows, cols), (codec.channels, min(rows, 256), cols), "float32"
         )
@@ -297,7 +341,7 @@ def _write_latents(store: JobStore, codec, pixel_shapes, scales) -> None:
 def plan_text(store: JobStore) -> str:
     """What the job will do and roughly what it costs, before it starts."""
     manifest = store.manifest
-    config = tasks.job_config(store)
+    config = JobPlan.from_manifest(store.manifest).config
     tile, steps, channels = manifest["tile"], config.num_steps, manifest["channels"]
     unit = "px" if manifest.get("factor", 1) == 1 else f"latent cells ({manifest['factor']} px each)"
     lines = [f"plan: {len(manifest['output_shapes'])} scales x {steps} steps, tile {tile} {unit}, halo {manifest['halo']}"]
@@ -368,12 +412,13 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """One line per stage, refreshed at most once a second: stage, tiles, rate, ETA."""
+    """One line per scale (and the output), refreshed at most once a second: tile steps done, rate, ETA."""
 
     line_open = False  # is a progress line waiting for its carriage return to be overwritten?
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None, *, quiet: bool = False):
+        self.stream = stream if stream is not None else sys.stderr  # the stderr of now, not of import
+        self.quiet = quiet
 
     def start(self, label: str, total: int, done: int) -> None:
         self.label, self.total, self.done = label, total, done
@@ -389,75 +434,168 @@ class Progress:
             self._print(final=self.done == self.total)
 
     def _print(self, *, final: bool) -> None:
+        if self.quiet:
+            return
         elapsed = time.perf_counter() - self.started
         rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else math.nan
         eta_text = "" if final or math.isnan(eta) else f", ETA {_duration(eta)}"
         end = "\n" if final else "\r"
-        self.stream.write(f"  {self.label}: {self.done}/{self.total} tiles, {rate:.1f} tiles/s{eta_text}   {end}")
+        self.stream.write(f"  {self.label}: {self.done}/{self.total} tile steps, {rate:.1f} tiles/s{eta_text}   {end}")
         self.stream.flush()
         Progress.line_open = not final  # a message printed now starts on a new line (cli)
 
 
-def execute(store: JobStore, profile: Profile, *, progress: Progress | None = None) -> None:
-    """Run (or continue) every stage not yet done, then the uint8 output."""
+def execute(store: JobStore, profile, *, progress: Progress | None = None) -> None:
+    """Run (or continue) every tile step not yet done, then the pixel output.
+
+    ``profile`` is a :class:`Profile`, a ``distributed.Client`` (left open) or an open executor
+    (``graph.profiles``). Each scale is one task graph (:func:`scale_graph`), coarsest first; the
+    output's tiles are one more."""
     progress = progress or Progress()
+    if hasattr(profile, "run_graph"):
+        _execute(store, profile, progress)
+        return
+    with open_executor(profile) as executor:
+        _execute(store, executor, progress)
+
+
+def _execute(store: JobStore, executor, progress: Progress) -> None:
     path = str(store.path)
     manifest = store.update_manifest(status="running")
-    config = tasks.job_config(store)
-    steps, tile = config.num_steps, manifest["tile"]
-    shapes = [tuple(s) for s in manifest["output_shapes"]]
-    with open_executor(profile) as executor:
-        for scale in reversed(range(len(shapes))):
-            if scale in store.manifest["scales_done"]:
-                continue
-            started = time.perf_counter()
-            computing = [0.0]
-            done = store.array(f"scales/{scale}/done")
-            boxes = tile_boxes(shapes[scale], tile)
-            where = {box: ij for ij, box in boxes}
-            for stage in range(steps + 1):
-                grid = done[stage]
-                pending = [(path, scale, stage, box) for (i, j), box in boxes if not grid[i, j]]
-                label = f"scale {scale} {'x_T' if stage == 0 else f'step {stage}/{steps}'}"
-                progress.start(label, len(boxes), len(boxes) - len(pending))
-                if not pending:
-                    continue
+    tasks.forget(path, keep_memory_job=True)  # nothing cached from an earlier job at this path
+    plan = tasks.plan_of(path)
+    steps = plan.config.num_steps
+    for scale in reversed(range(len(plan.output_shapes))):
+        if scale in store.manifest["scales_done"]:
+            continue
+        started = time.perf_counter()
+        computing = [0.0]
+        done = store.array(f"scales/{scale}/done")
+        boxes = tile_boxes(plan.output_shapes[scale], plan.tile)
+        where = {box: ij for ij, box in boxes}
+        grid = done[...]
+        graph = scale_graph(path, scale, boxes, grid)
+        progress.start(f"scale {scale} ({steps + 1} stages)", grid.size, grid.size - len(graph))
 
-                def finished(result, done=done, stage=stage, computing=computing, where=where):
-                    i, j = where[result[2]]
-                    computing[0] += result[3]
-                    done[stage, i, j] = 1  # after the chunk is written: durable before counted
-                    progress.tick()
+        def finished(result, done=done, computing=computing, where=where):
+            i, j = where[result.box]
+            computing[0] += result.seconds
+            done[result.stage, i, j] = 1  # after the chunk is written: durable before counted
+            progress.tick()
 
-                executor.map(tasks.run_tile, pending, finished)
-            timings = store.manifest["timings"]
-            timings[str(scale)] = timings.get(str(scale), 0.0) + time.perf_counter() - started
-            compute = store.manifest.get("compute_seconds", {})
-            compute[str(scale)] = compute.get(str(scale), 0.0) + computing[0]
-            store.update_manifest(
-                scales_done=store.manifest["scales_done"] + [scale], timings=timings, compute_seconds=compute
-            )
-        if not store.manifest["output_done"]:
-            done = store.array("output_done")
-            boxes = tile_boxes(store.array("output").shape[1:], manifest["output_tile"])
-            where = {box: ij for ij, box in boxes}
-            grid = done[...]
-            pending = [(path, box) for (i, j), box in boxes if not grid[i, j]]
-            progress.start("output", len(boxes), len(boxes) - len(pending))
+        if graph:
+            executor.run_graph(graph, finished, parallel=len(boxes))
+        timings = store.manifest["timings"]
+        timings[str(scale)] = timings.get(str(scale), 0.0) + time.perf_counter() - started
+        compute = store.manifest.get("compute_seconds", {})
+        compute[str(scale)] = compute.get(str(scale), 0.0) + computing[0]
+        store.update_manifest(
+            scales_done=store.manifest["scales_done"] + [scale], timings=timings, compute_seconds=compute
+        )
+    if not store.manifest["output_done"]:
+        done = store.array("output_done")
+        boxes = tile_boxes(store.array("output").shape[1:], manifest["output_tile"])
+        where = {box: ij for ij, box in boxes}
+        grid = done[...]
+        graph = {f"output-{i}-{j}": (partial(tasks.write_output_tile, path, box), [])
+                 for (i, j), box in boxes if not grid[i, j]}
+        progress.start("output", len(boxes), len(boxes) - len(graph))
 
-            def written(result):
-                i, j = where[result[2]]
-                done[i, j] = 1
-                progress.tick()
+        def written(result):
+            i, j = where[result.box]
+            done[i, j] = 1
+            progress.tick()
 
-            started = time.perf_counter()
-            if pending:
-                executor.map(tasks.write_output_tile, pending, written)
-            timings = store.manifest["timings"]
-            timings["output"] = timings.get("output", 0.0) + time.perf_counter() - started
-            store.update_manifest(output_done=True, timings=timings)
+        started = time.perf_counter()
+        if graph:
+            executor.run_graph(graph, written, parallel=len(boxes))
+        timings = store.manifest["timings"]
+        timings["output"] = timings.get("output", 0.0) + time.perf_counter() - started
+        store.update_manifest(output_done=True, timings=timings)
     store.update_manifest(status="complete")
+
+
+def scale_graph(path: str, scale: int, boxes, done: np.ndarray) -> dict[str, tuple]:
+    """The tile steps of one scale not yet ``done``, as a task graph: key → (task, keys it waits on).
+
+    Step k of tile (i, j) waits on step k - 1 of every tile whose core it reads (its halo, and the
+    mirror images' boxes of a symmetric output), and — because steps k - 1 and k + 1 write the
+    same ping-pong buffer — on step k - 1 of every tile that reads its core, so no tile overwrites
+    values a neighbour has still to read. No barrier between steps: a tile runs as soon as its
+    neighbourhood is ready. Done steps are not in the graph (what they wrote is durable)."""
+    stepper = tasks.scale_stepper(path, scale)
+    steps = stepper.num_steps
+    shape = stepper.shape
+    tile_rows, tile_cols = tile_ranges(shape[0], _side(boxes, 0)), tile_ranges(shape[1], _side(boxes, 1))
+
+    def read_tiles(box, t) -> set[tuple[int, int]]:
+        found = set()
+        for r0, c0, r1, c1 in stepper.reads(box, t):
+            rows = _tiles_over((r0, r1), tile_rows, shape[0])
+            cols = _tiles_over((c0, c1), tile_cols, shape[1])
+            found.update((i, j) for i in rows for j in cols)
+        return found
+
+    # what each tile reads, for the two kinds of step (with and without the blend)
+    def kind(t):  # the last step does not blend; every other step reads alike
+        return 1 if t == 1 else min(2, steps)
+
+    reads = {t: {ij: read_tiles(box, t) for ij, box in boxes} for t in {1, min(2, steps)}}
+    readers = {t: {} for t in reads}
+    for t, table in reads.items():
+        for ij, sources in table.items():
+            for source in sources:
+                readers[t].setdefault(source, set()).add(ij)
+
+    def key(stage, ij):
+        return f"s{scale}-k{stage}-{ij[0]}-{ij[1]}"
+
+    def pending(stage, ij):
+        return not done[stage, ij[0], ij[1]]
+
+    graph = {}
+    for ij, box in boxes:
+        for stage in range(steps + 1):
+            if not pending(stage, ij):
+                continue
+            waits = set()
+            if stage >= 1:
+                t = steps - stage + 1
+                waits = {ij} | reads[kind(t)][ij]
+            if stage >= 2:  # the previous step's readers of this core (they read what this overwrites)
+                waits |= readers[kind(t + 1)].get(ij, set())
+            deps = [key(stage - 1, n) for n in sorted(waits) if pending(stage - 1, n)]
+            graph[key(stage, ij)] = (partial(tasks.run_tile, path, scale, stage, box), deps)
+    return graph
+
+
+def _side(boxes, axis: int) -> int:
+    """The tile side along an axis (the first tile's; only the last one is shorter)."""
+    first = boxes[0][1]
+    return first[axis + 2] - first[axis]
+
+
+def _tiles_over(span: tuple[int, int], ranges: list[tuple[int, int]], length: int) -> set[int]:
+    """Indices of the tile ranges a (possibly wrapping, unwrapped) span overlaps."""
+    lo, hi = span
+    if hi - lo >= length:
+        return set(range(len(ranges)))
+    side = ranges[0][1] - ranges[0][0]
+    found = set()
+    for start, stop in ((lo, hi),) if 0 <= lo and hi <= length else _wrapped(lo, hi, length):
+        found.update(range(start // side, (stop - 1) // side + 1))
+    return found
+
+
+def _wrapped(lo: int, hi: int, length: int):
+    """A span of an unwrapped periodic axis as pieces inside [0, length)."""
+    position = lo
+    while position < hi:
+        start = position % length
+        stop = min(length, start + (hi - position))
+        yield start, stop
+        position += stop - start
 
 
 def resume(path: str | Path, profile: Profile, *, progress: Progress | None = None, log=None) -> JobStore:
@@ -490,7 +628,7 @@ def resume(path: str | Path, profile: Profile, *, progress: Progress | None = No
 def _rebuild_indexes(store: JobStore, scales: list[int], log) -> dict:
     """Build the damaged scales' indexes again from the reference, as ``create_job`` did; the
     manifest's checksums of the result (returned). The FAISS build is seeded: the same file."""
-    config = tasks.job_config(store)
+    config = JobPlan.from_manifest(store.manifest).config
     manifest = store.manifest
     sums = dict(manifest["index_checksums"])
     for scale in scales:
@@ -539,7 +677,7 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
     # the inputs first: what the scales are recomputed from
     if report.reference:
         source = source_available(manifest)
-        ingest_reference(store, source, tasks.job_config(store))
+        ingest_reference(store, source, JobPlan.from_manifest(store.manifest).config)
         log(f"reference: read again from {source}")
     if report.latents:
         from gigasid.codecs import from_state

@@ -77,18 +77,32 @@ class LocalExecutor:
             context = multiprocessing.get_context("spawn")  # torch and OpenMP do not survive fork
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
 
-    def map(self, fn: Callable, items: list[tuple], on_done: Callable[[Any], None]) -> None:
-        import dask
+    def task_threads(self, parallel: int) -> int | None:
+        """Threads inside each task when ``parallel`` tasks could run at once: the cores shared
+        among the tasks that can actually run (a one-tile scale gets them all). ``sync`` leaves
+        the calling process's setting alone unless the profile sets ``compute_threads``."""
+        if self.scheduler == "sync":
+            return self.profile.compute_threads
+        return _compute_threads(self.profile, min(self.workers, max(1, parallel)))
+
+    def run_graph(self, graph: dict[str, tuple], on_done: Callable[[Any], None], *, parallel: int) -> None:
+        """Run a task graph (key → (task, keys it waits on)); ``on_done(result)`` runs here, in
+        the driver, as each task finishes."""
+        threads = self.task_threads(parallel)
+        if self.scheduler == "sync":
+            for key in _topological(graph):
+                on_done(_with_threads(graph[key][0], threads))
+            return
+        import dask.multiprocessing
+        import dask.threaded
         from dask.callbacks import Callback
 
-        tasks = [dask.delayed(_with_threads, pure=False)(fn, self.threads, *item) for item in items]
+        dsk = {key: (_graph_task, task, threads, *deps) for key, (task, deps) in graph.items()}
         with Callback(posttask=lambda key, result, dsk, state, worker: on_done(result)):
-            options = {"scheduler": self.scheduler}
             if self.scheduler == "threads":
-                options["num_workers"] = self.workers
-            if self._pool is not None:
-                options["pool"] = self._pool
-            dask.compute(*tasks, **options)
+                dask.threaded.get(dsk, list(dsk), num_workers=self.workers)
+            else:
+                dask.multiprocessing.get(dsk, list(dsk), pool=self._pool)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -128,14 +142,27 @@ class DistributedExecutor:
                     "profile. Nothing was computed: a job store already created is kept for `gigasid resume`"
                 ) from None
             parallel = sum(self.client.nthreads().values()) or 1
+        self.parallel = parallel
         self.threads = _compute_threads(profile or Profile(), parallel)
 
-    def map(self, fn: Callable, items: list[tuple], on_done: Callable[[Any], None]) -> None:
+    def task_threads(self, parallel: int) -> int:
+        if self.profile is not None and self.profile.compute_threads:
+            return self.profile.compute_threads
+        return max(1, self.threads * self.parallel // max(1, min(self.parallel, parallel)))
+
+    def run_graph(self, graph: dict[str, tuple], on_done: Callable[[Any], None], *, parallel: int) -> None:
+        """As :meth:`LocalExecutor.run_graph`, on the cluster: the scheduler orders the tasks, a
+        lost worker's tasks run again elsewhere."""
         from distributed import as_completed
 
-        futures = [self.client.submit(_with_threads, fn, self.threads, *item, pure=False) for item in items]
-        for future in as_completed(futures):
-            on_done(future.result())
+        threads = self.task_threads(parallel)
+        dsk = {key: (_graph_task, task, threads, *deps) for key, (task, deps) in graph.items()}
+        futures = self.client.get(dsk, list(dsk), sync=False)
+        try:
+            for future in as_completed(futures):
+                on_done(future.result())
+        finally:
+            self.client.cancel(futures)
 
     def close(self) -> None:
         if self.owns_client:
@@ -144,10 +171,34 @@ class DistributedExecutor:
             self.cluster.close()
 
 
-def _with_threads(fn: Callable, threads: int, *args):
-    """Run a task with the profile's thread budget for torch and numba in this worker."""
+def _topological(graph: dict[str, tuple]) -> list[str]:
+    """The keys of a task graph, each after the keys it waits on (in insertion order otherwise)."""
+    order, state = [], {}
+    for root in graph:
+        stack = [(root, False)]
+        while stack:
+            key, expanded = stack.pop()
+            if expanded:
+                order.append(key)
+            elif key not in state:
+                state[key] = True
+                stack.append((key, True))
+                stack.extend((dep, False) for dep in reversed(graph[key][1]) if dep not in state)
+    return order
+
+
+def _graph_task(task: Callable, threads: int | None, *waited):
+    """A graph node: the task (the results it waited on only order it)."""
+    return _with_threads(task, threads)
+
+
+def _with_threads(fn: Callable, threads: int | None, *args):
+    """Run a task with the profile's thread budget for torch and numba in this worker (None:
+    leave this process's setting)."""
     import torch
 
+    if threads is None:
+        return fn(*args)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     try:

@@ -1,48 +1,118 @@
-"""What a worker runs: one tile of one stage, reading and writing the job store by path.
+"""What a worker runs: one tile of one stage, reading and writing the job store by key.
 
-Tasks carry the store's path and a tile box, never arrays or the index (DESIGN.md §4.4). Each
-worker process opens a scale's denoiser — reference level, memory-mapped index — once and keeps
-it (:func:`scale_stepper`). A task writes only its own chunk, so running it twice is harmless.
+Tasks carry the store's key (its path) and a tile box, never arrays or the index (DESIGN.md §4.4).
+Each worker process opens a scale's stepper — reference level, memory-mapped index — once and
+keeps it (:func:`scale_stepper`). A task writes only its own chunk, so running it twice is harmless.
+
+An in-memory job (``jobs.run``) is a store on a zarr ``MemoryStore`` whose denoisers and codec are
+already built: :func:`register_memory_job` makes them known under the store's key in this process,
+where the synchronous executor runs its tasks; :func:`forget` drops them.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from functools import lru_cache
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from gigasid import jobs
-from gigasid.codecs import decode_box
+from gigasid import plan as job_plan
+from gigasid.codecs import Codec, decode_box
 from gigasid.codecs import from_state as codec_from_state
-from gigasid.config import JobConfig, from_mapping
+from gigasid.codecs.correspondence import pad_reference, query_span
+from gigasid.core.image_denoiser import ImageDenoiser
 from gigasid.core.noise_schedule import make_noise_schedule
 from gigasid.io.store import JobStore, read_box, stage_buffers
-from gigasid.tiling.tile_step import ScaleStepper
+from gigasid.plan import JobPlan
+from gigasid.tiling.step import ScaleStepper
 
 Box = tuple[int, int, int, int]
 
 
-@lru_cache(maxsize=8)
+@dataclass
+class TileResult:
+    """What a finished task reports to the driver."""
+
+    scale: int  # -1 for an output tile
+    stage: int
+    box: Box
+    seconds: float  # spent computing (the rest of the task's time is reading, writing, scheduling)
+
+
+@dataclass
+class MemoryJob:
+    """What an in-memory job brings instead of building it from the store."""
+
+    store: JobStore
+    denoisers: list[ImageDenoiser]
+    codec: Codec | None = None
+    pixel_reference: np.ndarray | None = None  # the finest pixel level, for the correspondence decode
+
+
+_MEMORY: dict[str, MemoryJob] = {}
+_CACHE: OrderedDict = OrderedDict()  # (what, key, ...) → opened store / stepper / codec / reference
+_CACHE_SIZE = 24
+_LOCK = threading.Lock()
+
+
+def register_memory_job(job: MemoryJob) -> str:
+    key = str(job.store.path)
+    _MEMORY[key] = job
+    return key
+
+
+def forget(key: str, *, keep_memory_job: bool = False) -> None:
+    """Drop what this process holds for a store (cached steppers, its in-memory job)."""
+    if not keep_memory_job:
+        _MEMORY.pop(key, None)
+    with _LOCK:
+        for entry in [entry for entry in _CACHE if entry[1] == key]:
+            del _CACHE[entry]
+
+
+def _cached(entry: tuple, build):
+    with _LOCK:
+        if entry in _CACHE:
+            _CACHE.move_to_end(entry)
+            return _CACHE[entry]
+    value = build()
+    with _LOCK:
+        _CACHE[entry] = value
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return value
+
+
 def open_store(path: str) -> JobStore:
-    return JobStore.open(path)
+    memory = _MEMORY.get(path)
+    if memory is not None:
+        return memory.store
+    return _cached(("store", path), lambda: JobStore.open(path))
 
 
-def job_config(store: JobStore) -> JobConfig:
-    return from_mapping(JobConfig, store.manifest["config"])
+def plan_of(path: str) -> JobPlan:
+    return _cached(("plan", path), lambda: JobPlan.from_manifest(open_store(path).manifest))
 
 
-@lru_cache(maxsize=16)
 def scale_stepper(path: str, scale: int) -> ScaleStepper:
     """The scale's stepper, built once per worker process from what the store holds."""
-    store = open_store(path)
-    manifest = store.manifest
-    config = job_config(store)
-    periodic = config.application == "tileable"
-    level = torch.from_numpy(store.array(f"{manifest.get('dataset', 'reference')}/{scale}")[...])
-    denoiser = jobs.scale_denoiser(level, config, periodic=periodic, index_dir=store.index_dir(scale))
-    shapes = [tuple(s) for s in manifest["output_shapes"]]
+    return _cached(("stepper", path, scale), lambda: _build_stepper(path, scale))
+
+
+def _build_stepper(path: str, scale: int) -> ScaleStepper:
+    plan = plan_of(path)
+    config = plan.config
+    memory = _MEMORY.get(path)
+    if memory is not None:
+        denoiser = memory.denoisers[scale]
+    else:
+        store = open_store(path)
+        level = torch.from_numpy(store.mapped_level(plan.dataset, scale))
+        denoiser = job_plan.scale_denoiser(level, config, periodic=plan.periodic, index_dir=store.index_dir(scale))
+    shapes = plan.output_shapes
     alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
     return ScaleStepper(
         denoiser=denoiser,
@@ -51,20 +121,20 @@ def scale_stepper(path: str, scale: int) -> ScaleStepper:
         alphas=alphas,
         sigmas=sigmas,
         eta=config.eta,
-        seed=manifest["seed"],
+        seed=plan.seed,
         scale=scale,
-        channels=manifest["channels"],
-        periodic=periodic,
-        search_stride=config.index.search_stride if config.denoiser.backend == "knn" else 1,
+        channels=plan.channels,
+        periodic=plan.periodic,
+        search_stride=job_plan.search_stride(config),
+        symmetry=job_plan.symmetry(config),
     )
 
 
-def run_tile(path: str, scale: int, stage: int, box: Box) -> tuple[int, int, Box, float]:
-    """Compute one tile of one stage and write its chunk; returns its identity and the seconds
-    spent computing (the rest of the task's time is reading, writing and scheduling)."""
+def run_tile(path: str, scale: int, stage: int, box: Box) -> TileResult:
+    """Compute one tile of one stage and write its chunk."""
     store = open_store(path)
     stepper = scale_stepper(path, scale)
-    num_steps = len(stepper.alphas) - 1
+    num_steps = stepper.num_steps
     read, write = stage_buffers(scale, stage, num_steps)
     r0, c0, r1, c1 = box
     started = time.perf_counter()
@@ -72,79 +142,75 @@ def run_tile(path: str, scale: int, stage: int, box: Box) -> tuple[int, int, Box
         values = stepper.initial(box)
     else:
         t = num_steps - stage + 1
-        plan = stepper.plan(box, t)
-        x_read = torch.from_numpy(read_box(store.array(read), plan.read_box, periodic=stepper.periodic))
+        source = store.array(read)
+        x_reads = [torch.from_numpy(read_box(source, b, periodic=stepper.periodic)) for b in stepper.reads(box, t)]
         coarse = None
-        if plan.coarse_box is not None:
+        coarse_box = stepper.plan(box, t).coarse_box
+        if coarse_box is not None:
             coarser = store.array(f"scales/{scale + 1}/final")
-            coarse = torch.from_numpy(read_box(coarser, plan.coarse_box, periodic=stepper.periodic))
+            coarse = torch.from_numpy(read_box(coarser, coarse_box, periodic=stepper.periodic))
         started = time.perf_counter()
-        values = stepper.step(box, t, x_read, coarse)
+        values = stepper.step(box, t, x_reads[0], coarse, x_reads[1:])
         if t == 1 and scale == 0 and store.has("scales/0/matches"):
-            _write_matches(store, stepper, plan, box, x_read)
+            _write_matches(store, stepper, box, x_reads[0])
     computing = time.perf_counter() - started
     store.array(write)[:, r0:r1, c0:c1] = values.numpy()
-    return scale, stage, box, computing
+    return TileResult(scale, stage, box, computing)
 
 
-def _write_matches(store: JobStore, stepper: ScaleStepper, plan, box: Box, x_read: torch.Tensor) -> None:
+def _write_matches(store: JobStore, stepper: ScaleStepper, box: Box, x_read: torch.Tensor) -> None:
     """The last step's candidates and weights of the queries whose patches start in the core."""
-    matches, weights = store.array("scales/0/matches"), store.array("scales/0/weights")
-    grid_h, grid_w = matches.shape[:2]
-    rr0, rc0 = plan.read_box[:2]
-    positions, found = stepper.denoiser.matches(
-        x_read, float(stepper.alphas[1]), float(stepper.sigmas[1]), step=1, origin=(rr0, rc0),
-        global_grid=(grid_h, grid_w),
-    )
-    r0, c0, r1, c1 = box[0], box[1], min(box[2], grid_h), min(box[3], grid_w)
-    if r1 <= r0 or c1 <= c0:  # a core below or right of the last patch: no query starts here
+    found = stepper.matches(box, x_read)
+    if found is None:
         return
-    cut = (slice(r0 - rr0, r1 - rr0), slice(c0 - rc0, c1 - rc0))
-    matches[r0:r1, c0:c1] = positions[cut].numpy().astype("int32")
-    weights[r0:r1, c0:c1] = found[cut].numpy()
+    (r0, c0, r1, c1), positions, weights = found
+    store.array("scales/0/matches")[r0:r1, c0:c1] = positions.numpy().astype("int32")
+    store.array("scales/0/weights")[r0:r1, c0:c1] = weights.numpy()
 
 
-def write_output_tile(path: str, box: Box) -> tuple[int, int, Box, float]:
-    """One chunk of the uint8 pixel output: the finest scale's values in pixel jobs; in latent
-    jobs the correspondence decode of the last step's matches, or the codec's decoder."""
+def write_output_tile(path: str, box: Box) -> TileResult:
+    """One chunk of the pixel output: the finest scale's values in pixel jobs; in latent jobs the
+    correspondence decode of the last step's matches, or the codec's decoder. uint8, except in an
+    in-memory job's float32 output (the caller converts)."""
     store = open_store(path)
-    manifest = store.manifest
+    plan = plan_of(path)
     r0, c0, r1, c1 = box
-    if manifest.get("factor", 1) == 1:
+    if plan.factor == 1:
         pixels = store.array("scales/0/final")[:, r0:r1, c0:c1]
-    elif store.has("scales/0/matches"):
-        pixels = _correspondence_tile(store, box)
+    elif plan.correspondence:
+        pixels = _correspondence_tile(path, store, plan, box)
     else:
-        codec = store_codec(path)
+        codec = _codec(path)
         final = store.array("scales/0/final")
         pixels = decode_box(
             codec, lambda b: torch.from_numpy(final[:, b[0] : b[2], b[1] : b[3]]), final.shape[1:], box
         ).numpy()
-    store.array("output")[:, r0:r1, c0:c1] = jobs.to_pixels(pixels)
-    return -1, -1, box, 0.0
+    output = store.array("output")
+    output[:, r0:r1, c0:c1] = pixels if output.dtype == np.float32 else job_plan.to_pixels(pixels)
+    return TileResult(-1, -1, box, 0.0)
 
 
-@lru_cache(maxsize=4)
-def store_codec(path: str):
-    return codec_from_state(open_store(path).load_codec_state())
+def _codec(path: str) -> Codec:
+    memory = _MEMORY.get(path)
+    if memory is not None:
+        return memory.codec
+    return _cached(("codec", path), lambda: codec_from_state(open_store(path).load_codec_state()))
 
 
-@lru_cache(maxsize=4)
-def finest_reference(path: str):
+def _finest_reference(path: str, factor: int) -> np.ndarray:
     """The reference's finest pixels, read and padded once per worker (the correspondence
     decode's source)."""
-    from gigasid.codecs.correspondence import pad_reference
+    memory = _MEMORY.get(path)
 
-    store = open_store(path)
-    return pad_reference(store.array("reference/0")[...], store.manifest["factor"])
+    def build():
+        pixels = memory.pixel_reference if memory is not None else open_store(path).array("reference/0")[...]
+        return pad_reference(pixels, factor)
+
+    return _cached(("reference", path), build)
 
 
-def _correspondence_tile(store: JobStore, box: Box):
-    from gigasid.codecs.correspondence import query_span
-
-    manifest = store.manifest
-    config = job_config(store)
-    factor, periodic = manifest["factor"], config.application == "tileable"
+def _correspondence_tile(path: str, store: JobStore, plan: JobPlan, box: Box) -> np.ndarray:
+    config, factor, periodic = plan.config, plan.factor, plan.periodic
     matches, weights = store.array("scales/0/matches"), store.array("scales/0/weights")
     grid_h, grid_w = matches.shape[:2]
     q_r0, q_r1 = query_span((box[0], box[2]), factor, config.patch_size, grid_h, periodic=periodic)
@@ -154,7 +220,7 @@ def _correspondence_tile(store: JobStore, box: Box):
         positions, found = matches.oindex[rows, cols], weights.oindex[rows, cols]
     else:
         positions, found = matches[q_r0:q_r1, q_c0:q_c1], weights[q_r0:q_r1, q_c0:q_c1]
-    return jobs.correspondence_decode(
-        config, finest_reference(str(store.path)), tuple(manifest["reference_shapes"][0]),
-        tuple(manifest["output_shapes"][0]), positions, found, box=box, query_origin=(q_r0, q_c0),
+    return job_plan.correspondence_decode(
+        config, _finest_reference(path, factor), plan.reference_shapes[0], plan.output_shapes[0],
+        positions, found, box=box, query_origin=(q_r0, q_c0),
     )

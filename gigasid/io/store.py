@@ -188,9 +188,11 @@ def _check_manifest(path: Path, manifest: dict) -> None:
 class JobStore:
     """An open job store."""
 
-    def __init__(self, path: str | Path, group: zarr.Group):
+    def __init__(self, path: str | Path, group: zarr.Group, *, memory: bool = False):
         self.path = Path(path)
         self.group = group
+        #: held in this process's memory (``in_memory``): no files, no checksums, no lock
+        self.memory = memory
 
     # ---- creating and opening -------------------------------------------------------------
     @classmethod
@@ -203,6 +205,17 @@ class JobStore:
             raise InputError(f"cannot create {path}: directory {parent} does not exist or is not writable")
         group = zarr.open_group(store=VerifiedLocalStore(path, strict=False), mode="w", zarr_format=3)
         store = cls(path, group)
+        store.write_manifest({**manifest, "format": FORMAT})
+        return store
+
+    @classmethod
+    def in_memory(cls, manifest: dict) -> JobStore:
+        """A store held in memory (a zarr ``MemoryStore``), for an in-memory job: the same layout
+        and the same tasks as on disk, under a key no other store has."""
+        from zarr.storage import MemoryStore
+
+        group = zarr.open_group(store=MemoryStore(), mode="w", zarr_format=3)
+        store = cls(f"memory://{id(group):x}-{os.urandom(4).hex()}", group, memory=True)
         store.write_manifest({**manifest, "format": FORMAT})
         return store
 
@@ -305,6 +318,8 @@ class JobStore:
     def has(self, name: str) -> bool:
         """Is there a node ``name``? Its metadata file decides, read or not: unreadable metadata
         counts as there, so that :meth:`array` reports it as damage."""
+        if self.memory:
+            return name in self.group
         return (self.path / name / "zarr.json").is_file()
 
     def array(self, name: str) -> zarr.Array:
@@ -319,10 +334,38 @@ class JobStore:
         return array.with_config(_ARRAY_CONFIG)
 
     def create_array(self, name: str, shape, chunks, dtype, *, fill_value=0) -> zarr.Array:
+        # in memory nothing is lost or garbled on the way: no compression, no checksum
         return self.group.create_array(
             name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill_value,
-            compressors=_COMPRESSORS, overwrite=True, config=_ARRAY_CONFIG,
+            compressors=None if self.memory else _COMPRESSORS, overwrite=True, config=_ARRAY_CONFIG,
         )
+
+    # ---- a reference level, memory-mapped ---------------------------------------------------
+    _LEVEL = "level.npy"
+
+    def write_level_copy(self, dataset: str, scale: int) -> None:
+        """An uncompressed copy of ``dataset/scale`` beside the scale's index, which workers map
+        (:meth:`mapped_level`) instead of each decompressing the whole level into its own memory."""
+        level = self.array(f"{dataset}/{scale}")
+        folder = self.index_dir(scale)
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{self._LEVEL}.partial"
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=level.shape)
+        step = level.chunks[1]
+        for top in range(0, level.shape[1], step):
+            out[:, top : top + step] = level[:, top : top + step]
+        out.flush()
+        del out
+        partial.rename(folder / self._LEVEL)
+
+    def mapped_level(self, dataset: str, scale: int) -> np.ndarray:
+        """``dataset/scale`` as a read-mostly array: the memory-mapped copy beside the index
+        (copy-on-write: pages are shared by every worker on a machine and read on demand) when
+        the job made one, else the level read whole."""
+        copy = self.index_dir(scale) / self._LEVEL
+        if not self.memory and copy.is_file():
+            return np.load(copy, mmap_mode="c")
+        return self.array(f"{dataset}/{scale}")[...]
 
     def save_codec(self, state: dict) -> None:
         """A latent codec's state: its arrays under ``codec/``, the rest in the group's attrs."""

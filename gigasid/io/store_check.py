@@ -195,6 +195,29 @@ def _tile_coords(tiles, depth: int = 3) -> list[tuple[int, ...]]:
     return [(0, i, j) if depth == 3 else (i, j, 0) for i, j in tiles]
 
 
+def _check_spread_scale(reader: _Reader, scale: int, steps: int, done: np.ndarray, every) -> bool:
+    """A scale stopped mid-graph, its tiles more than one step apart (the engine runs a scale's
+    steps with no barrier): read each tile's last two written chunks; any damage, or done entries
+    that are not a prefix of the steps, redoes the whole scale (a neighbour may already have
+    overwritten what a single tile's step would read again). False: the tiles are at most one
+    step apart, which the stage-by-stage check below handles."""
+    counts = done.sum(0)
+    prefix = np.cumprod(done, axis=0).sum(0)
+    if int(counts.max()) - int(counts.min()) <= 1 and np.array_equal(prefix, counts):
+        return False
+    report = reader.report
+    damaged = not np.array_equal(prefix, counts)
+    for i, j in every:
+        last = int(prefix[i, j]) - 1
+        for stage in (last, last - 1):
+            if stage >= 0 and not damaged:
+                _, write = stage_buffers(scale, stage, steps)
+                damaged = bool(reader.chunks(write, _tile_coords([(i, j)])))
+    if damaged:
+        report.scales[scale] = ScaleDamage(stage=0, restart=True)
+    return True
+
+
 def _check_scale(reader: _Reader, manifest: dict, scale: int) -> None:
     steps = int(manifest["config"]["num_steps"])
     report = reader.report
@@ -220,6 +243,8 @@ def _check_scale(reader: _Reader, manifest: dict, scale: int) -> None:
     if grid.chunks[0] == 1 and lost:
         report.damaged.append(f"{keys[lost[0]]} (missing)")
         report.scales[scale] = ScaleDamage(stage=0, restart=True, grid=True)
+        return
+    if not marked and _check_spread_scale(reader, scale, steps, done, every):
         return
     stage = steps + 1 if marked else next((k for k in range(steps + 1) if not done[k].all()), steps + 1)
     finished = stage > steps

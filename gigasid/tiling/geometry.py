@@ -60,12 +60,21 @@ def plan_axis(
         estimate = (down_lo[0], down_hi[1])
         coarse_taps, _ = resample_taps(coarse_length, length, periodic=periodic, out_range=core, wrap=False)
         coarse = _span(coarse_taps)
+    read = read_range(estimate, length, patch_size=patch_size, search_stride=search_stride, periodic=periodic)
+    if not periodic:
+        estimate = (max(0, estimate[0]), min(length, estimate[1]))
+    return AxisPlan(core=core, estimate=estimate, read=read, coarse=coarse)
+
+
+def read_range(estimate: Range, length: int, *, patch_size: int, search_stride: int, periodic: bool) -> Range:
+    """The x_t an estimate range of x_hat depends on: every patch covering one of its pixels
+    reaches P - 1 further, and a strided search takes a patch's candidates from a searched patch
+    up to ``search_stride - 1`` before it."""
     reach = patch_size - 1
     read = (estimate[0] - reach - (search_stride - 1), estimate[1] + reach)
     if not periodic:
-        estimate = (max(0, estimate[0]), min(length, estimate[1]))
         read = (max(0, read[0]), min(length, read[1]))
-    return AxisPlan(core=core, estimate=estimate, read=read, coarse=coarse)
+    return read
 
 
 def _down_span(length: int, half: int, position: int, periodic: bool) -> Range:

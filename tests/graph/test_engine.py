@@ -66,7 +66,10 @@ def rocket(height: int, width: int) -> torch.Tensor:
 
 def job_config(backend: str, application: str) -> JobConfig:
     _, settings = BACKENDS[backend]
+    application, _, symmetry = application.partition("-")  # "symmetric-both": both mirror axes
     data = {"application": application, "num_steps": 3, "num_scales": 3, "eta": 0.5, **settings}
+    if symmetry:
+        data["symmetry"] = symmetry
     return from_mapping(JobConfig, data)
 
 
@@ -114,11 +117,12 @@ def finals(store) -> list[np.ndarray]:
 # --- 1. tiled == in-memory -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("application", ["uncond", "retarget", "tileable"])
+@pytest.mark.parametrize("application", ["uncond", "retarget", "tileable", "symmetric", "symmetric-both"])
 @pytest.mark.parametrize("backend", ["exact", "knn"])
 def test_tiled_run_equals_the_in_memory_sampler(tmp_path: Path, backend: str, application: str) -> None:
     """Bit for bit, every scale, for a tile just above the halo, one that divides nothing and one
-    tile covering the image. exact runs on ``sync`` and knn on ``threads`` (2 workers), both with
+    tile covering the image (the in-memory run is one whole-image tile of the same engine; a
+    symmetric tile reads its mirror partners' boxes). exact runs on ``sync`` and knn on ``threads`` (2 workers), both with
     one compute thread like the reference: the thread count changes a float32 matmul's round-off
     (1.3e-5 at P = 7), the tile size does not."""
     reference = in_memory(backend, application)
@@ -270,28 +274,28 @@ def test_a_shared_image_denoiser_is_thread_safe() -> None:
 
 
 def test_a_worker_killed_mid_stage_changes_nothing(tmp_path, monkeypatch, cluster) -> None:
-    """SIGKILL one LocalCluster worker while a stage's tiles run (from the driver's finish callback,
-    right after the first tile of scale 0's second step reports): its nanny restarts it, its tasks
+    """SIGKILL one LocalCluster worker while scale 0's task graph runs (from the driver's finish
+    callback, right after the first tile of its second step reports): its nanny restarts it, its tasks
     are retried, and the output is the uninterrupted one."""
     client = cluster.client
     killed = {}
-    original_map = cluster.map
+    original_run_graph = cluster.run_graph
 
-    def map_and_kill(fn, items, on_done):
-        target = items and fn.__name__ == "run_tile" and items[0][1] == 0 and items[0][2] == 2
+    def run_and_kill(graph, on_done, *, parallel):
+        target = any(key.startswith("s0-") for key in graph)
 
         def finished(result):
             on_done(result)
-            if target and not killed:
+            if target and result.stage == 2 and not killed:
                 busy = {address for address, keys in client.processing().items() if keys}
                 pids = client.run(os.getpid)
                 address = min(busy) if busy else min(pids)
                 killed.update(address=address, pid=pids[address], busy=bool(busy))
                 os.kill(pids[address], signal.SIGKILL)
 
-        original_map(fn, items, finished)
+        original_run_graph(graph, finished, parallel=parallel)
 
-    monkeypatch.setattr(cluster, "map", map_and_kill)
+    monkeypatch.setattr(cluster, "run_graph", run_and_kill)
     store = make_store(tmp_path, "knn", "uncond", 29)
     with on_cluster(monkeypatch, cluster):
         run_store(store, LOCAL_CLUSTER)

@@ -20,7 +20,7 @@ from gigasid import jobs
 from gigasid.config import JobConfig, from_mapping
 from gigasid.core.noise_schedule import make_noise_schedule
 from gigasid.tiling.geometry import halo, plan_axis, tile_ranges
-from gigasid.tiling.tile_step import ScaleStepper, take
+from gigasid.tiling.step import ScaleStepper, take
 
 PATCH = 5
 STEPS = 4

@@ -1,0 +1,348 @@
+"""The job plan: from a reference's size and a :class:`JobConfig` to everything a job computes with.
+
+What a job is, decided once and the same for every executor: the reference's pyramid shapes and
+the output's, the sampling grid's unit (pixels or latent cells of a codec), one image denoiser
+per scale (a backend from :data:`DENOISER_BACKENDS`), the codec (:data:`CODECS`), and what the
+application changes (:data:`APPLICATIONS`). :class:`JobPlan` is the typed form of a job store's
+manifest. No file I/O and no Dask here: ``graph.engine`` runs a plan, ``jobs`` and ``cli`` are
+the front ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gigasid.codecs import Codec, encode_bands, latent_shape
+from gigasid.codecs.correspondence import fold_matches
+from gigasid.config import JobConfig, from_mapping, to_mapping
+from gigasid.core.denoisers import ExactDenoiser, FusedDenoiser, KnnDenoiser
+from gigasid.core.device import resolve_device
+from gigasid.core.image_denoiser import ImageDenoiser
+from gigasid.core.patches import grid_shape, unfold_rows
+from gigasid.core.pyramid import output_pyramid_shapes, pyramid_shapes, resample
+from gigasid.errors import ConfigError, InputError
+from gigasid.index.candidates import ReferenceCandidates
+from gigasid.index.search import auto_kind
+
+Box = tuple[int, int, int, int]
+
+# --- applications ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Application:
+    """What an application changes in the sampler (DESIGN.md §2); everything else is shared."""
+
+    name: str
+    #: periodic denoisers and resampling: the output wraps with no seam
+    periodic: bool = False
+    #: x_hat averaged with its mirror image(s) after every denoiser call (``config.symmetry``)
+    mirrored: bool = False
+    #: the coarsest scale is not sampled but given: the reference's coarsest level resized
+    given_coarsest: bool = False
+    #: runs only in pixel space
+    pixel_only: bool = False
+
+
+APPLICATIONS: dict[str, Application] = {}
+
+
+def register_application(application: Application) -> Application:
+    APPLICATIONS[application.name] = application
+    return application
+
+
+register_application(Application("uncond"))
+register_application(Application("retarget", given_coarsest=True))
+register_application(Application("symmetric", mirrored=True, pixel_only=True))
+register_application(Application("tileable", periodic=True))
+
+
+def application(config: JobConfig) -> Application:
+    return APPLICATIONS[config.application]
+
+
+def symmetry(config: JobConfig) -> str:
+    """The mirror axes the sampler averages over: ``config.symmetry``, or none."""
+    return config.symmetry if application(config).mirrored else "none"
+
+
+# --- shapes ----------------------------------------------------------------------------------
+
+
+def codec_factor(config: JobConfig) -> int:
+    """Pixels per sampling-grid cell per side: 1 in pixel space, 8 for the latent codecs."""
+    return 1 if config.latent.codec == "pixel" else 8
+
+
+def pixel_reference_shapes(height: int, width: int, config: JobConfig) -> list[tuple[int, int]]:
+    """The reference's pixel pyramid, finest first. In a latent job its coarsest level is f times
+    the coarsest sampling grid (``min_short_side`` counts latent cells there)."""
+    factor = codec_factor(config)
+    if -(-min(height, width) // factor) < config.patch_size:
+        unit = "pixels" if factor == 1 else f"latent cells of {factor} px"
+        raise InputError(
+            f"the image is {height}x{width}, smaller than the patch size {config.patch_size} {unit}; "
+            "use a larger image or a smaller patch_size (--set patch_size=N)"
+        )
+    min_short = min(config.min_short_side * factor, height, width)
+    try:
+        return pyramid_shapes(height, width, min_short_side=min_short, num_scales=config.num_scales)
+    except ValueError as error:
+        raise ConfigError(f"{error} for this {height}x{width} image; lower num_scales or set it to null") from None
+
+
+def reference_shapes(height: int, width: int, config: JobConfig) -> list[tuple[int, int]]:
+    """The reference's sampling grids (pixels, or the latent grid of each pixel level), finest first."""
+    factor = codec_factor(config)
+    return [latent_shape(h, w, factor) for h, w in pixel_reference_shapes(height, width, config)]
+
+
+def reference_pyramid(image: torch.Tensor, config: JobConfig) -> list[torch.Tensor]:
+    """The reference's pixel pyramid, finest first; each level resampled from the one above."""
+    shapes = pixel_reference_shapes(image.shape[1], image.shape[2], config)
+    levels = [image]
+    for shape in shapes[1:]:
+        levels.append(resample(levels[-1], shape))
+    return levels
+
+
+def default_size(height: int, width: int, config: JobConfig) -> tuple[int, int]:
+    return (max(1, round(height * config.output_scale[0])), max(1, round(width * config.output_scale[1])))
+
+
+def output_shapes(
+    pixel_shapes: list[tuple[int, int]], size: tuple[int, int], config: JobConfig
+) -> list[tuple[int, int]]:
+    """The output's sampling grids from the reference's pixel pyramid and the pixel output size;
+    refuses a size whose coarsest scale cannot hold a patch."""
+    factor = codec_factor(config)
+    if factor > 1 and application(config).periodic and (size[0] % factor or size[1] % factor):
+        raise InputError(
+            f"a tileable latent output must be a multiple of {factor} px a side to wrap exactly; "
+            f"ask for {-(-size[0] // factor) * factor}x{-(-size[1] // factor) * factor} instead of {size[0]}x{size[1]}"
+        )
+    shapes = [latent_shape(h, w, factor) for h, w in output_pyramid_shapes(pixel_shapes, *size)]
+    patch = config.patch_size
+    if min(shapes[-1]) < patch:
+        need = [-(-patch * full * factor // coarse) for full, coarse in zip(size, shapes[-1])]
+        raise InputError(
+            f"output size {size[0]}x{size[1]} is too small: its coarsest scale would be "
+            f"{shapes[-1][0]}x{shapes[-1][1]}, smaller than the patch size {patch}; "
+            f"ask for at least {need[0]}x{need[1]}"
+        )
+    return shapes
+
+
+def given_coarsest(level: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """retarget's coarsest scale: the reference's coarsest level resized to the output's."""
+    return resample(level, shape)
+
+
+# --- codecs ----------------------------------------------------------------------------------
+
+
+def _fit_pca(config: JobConfig, read_pixels, pixel_shapes, channels: int) -> Codec:
+    from gigasid.codecs.lapped_pca import fit_lapped_pca
+
+    latent = config.latent
+    return fit_lapped_pca(
+        read_pixels, pixel_shapes, latent.channels, image_channels=channels, max_blocks=latent.fit_blocks,
+        texture=latent.texture_channel,
+    )
+
+
+def _load_vae(config: JobConfig, read_pixels, pixel_shapes, channels: int) -> Codec:
+    from gigasid.codecs.vae import load_vae
+
+    return load_vae(config.latent.vae_path, image_channels=channels)
+
+
+#: latent codec name → builder(config, read_pixels(level, box), pixel shapes, image channels)
+CODECS: dict[str, Callable[..., Codec]] = {"pca": _fit_pca, "vae": _load_vae}
+
+
+def build_codec(config: JobConfig, read_pixels, pixel_shapes: list[tuple[int, int]], channels: int) -> Codec | None:
+    """The job's latent codec (None in pixel space); the pca codec is fitted on the reference
+    pyramid, read through ``read_pixels(level, box)``."""
+    if config.latent.codec == "pixel":
+        return None
+    return CODECS[config.latent.codec](config, read_pixels, pixel_shapes, channels)
+
+
+def encode_level(codec: Codec, level: torch.Tensor) -> torch.Tensor:
+    """A whole pixel level's latents, band by band like the store path (the same values)."""
+    shape = tuple(level.shape[-2:])
+    bands = [band for _, band in encode_bands(codec, lambda b: level[:, b[0] : b[2], b[1] : b[3]], shape)]
+    return torch.cat(bands, 1)
+
+
+# --- denoisers -------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None):
+    size = config.patch_size
+    if index_dir is not None and (index_dir / ReferenceCandidates._STATE).is_file():
+        source = ReferenceCandidates.load(index_dir)
+    else:
+        index = config.index
+        kind = index.kind
+        if kind == "auto":
+            kind = auto_kind(int(np.prod(grid_shape(*level.shape[-2:], size))))
+        source = ReferenceCandidates(
+            level, size, k=index.k, index=kind, search_dims=index.search_dims, nlist=index.nlist,
+            nprobe=index.nprobe, coherence=index.coherence, search_stride=index.search_stride,
+        )
+        if index_dir is not None:
+            source.save(index_dir)
+    return KnnDenoiser(level, size), source
+
+
+def _dense_backend(dense):
+    def build(level: torch.Tensor, config: JobConfig, index_dir: Path | None):
+        grid_h, _ = grid_shape(*level.shape[-2:], config.patch_size)
+        dataset = unfold_rows(level.contiguous(), config.patch_size, 0, grid_h)
+        return dense(dataset, compute_dtype=_DTYPES[config.denoiser.compute_dtype]), None
+
+    return build
+
+
+#: denoiser backend name → builder(level, config, index_dir) → (patch denoiser, candidate source)
+DENOISER_BACKENDS: dict[str, Callable] = {
+    "knn": _knn_backend,
+    "exact": _dense_backend(ExactDenoiser),
+    "fused": _dense_backend(FusedDenoiser),
+}
+
+
+def scale_denoiser(
+    level: torch.Tensor, config: JobConfig, *, periodic: bool, index_dir: Path | None = None
+) -> ImageDenoiser:
+    """The image denoiser of one scale. With ``index_dir`` a knn index saved there is opened (and
+    one built here is saved there), so a job's workers share one index per scale."""
+    patch_denoiser, source = DENOISER_BACKENDS[config.denoiser.backend](level, config, index_dir)
+    return ImageDenoiser(
+        patch_denoiser, patch_size=config.patch_size, rho=config.rho, periodic=periodic, candidate_source=source,
+        device=resolve_device(config.device),
+    )
+
+
+def search_stride(config: JobConfig) -> int:
+    return config.index.search_stride if config.denoiser.backend == "knn" else 1
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def correspondence_decode(
+    config: JobConfig,
+    reference: np.ndarray,
+    ref_grid: tuple[int, int],
+    out_grid: tuple[int, int],
+    positions: np.ndarray,
+    weights: np.ndarray,
+    *,
+    box: Box,
+    query_origin: tuple[int, int] = (0, 0),
+) -> np.ndarray:
+    """The pixels of ``box`` folded from the reference's pixels at the last step's matches.
+
+    ``reference`` is ``codecs.correspondence.pad_reference`` of the finest pixel level,
+    ``ref_grid``/``out_grid`` the finest latent grids of the reference and the output;
+    ``positions``/``weights`` the matches of the queries starting at latent patch ``query_origin``
+    (see ``codecs.correspondence``).
+    """
+    factor = codec_factor(config)
+    return fold_matches(
+        reference, positions, weights, ref_grid_w=ref_grid[1] - config.patch_size + 1, factor=factor,
+        patch_size=config.patch_size, rho=config.latent.decode_rho or config.rho, query_origin=query_origin, box=box,
+        out_shape=(out_grid[0] * factor, out_grid[1] * factor), periodic=application(config).periodic,
+        device=resolve_device(config.device),
+    )
+
+
+def to_pixels(image) -> np.ndarray:
+    """Model space [-1, 1] (C, H, W) → uint8 (C, H, W); the one conversion every output uses."""
+    values = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    scaled = np.clip((np.asarray(values, dtype=np.float32) + 1.0) * 0.5, 0.0, 1.0) * 255.0
+    return np.rint(scaled).astype(np.uint8)
+
+
+# --- the typed manifest ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A job's fixed facts, as its store's manifest records them (shapes are sampling grids:
+    pixels, or latent cells of ``factor`` px)."""
+
+    config: JobConfig
+    seed: int
+    size: tuple[int, int]  # the pixel output (H, W)
+    tile: int  # tile side on the sampling grid
+    halo: int
+    channels: int  # sampled channels (the codec's in latent jobs)
+    image_channels: int
+    factor: int
+    output_tile: int  # chunk side of the pixel output
+    reference_shapes: tuple[tuple[int, int], ...]
+    pixel_reference_shapes: tuple[tuple[int, int], ...]
+    output_shapes: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> JobPlan:
+        def shapes(key):
+            return tuple(tuple(int(v) for v in s) for s in manifest[key])
+
+        channels = int(manifest["channels"])
+        return cls(
+            config=from_mapping(JobConfig, manifest["config"]),
+            seed=int(manifest["seed"]),
+            size=tuple(manifest["size"]),
+            tile=int(manifest["tile"]),
+            halo=int(manifest["halo"]),
+            channels=channels,
+            image_channels=int(manifest.get("image_channels", channels)),
+            factor=int(manifest.get("factor", 1)),
+            output_tile=int(manifest.get("output_tile", manifest["tile"])),
+            reference_shapes=shapes("reference_shapes"),
+            pixel_reference_shapes=shapes("pixel_reference_shapes") if "pixel_reference_shapes" in manifest
+            else shapes("reference_shapes"),
+            output_shapes=shapes("output_shapes"),
+        )
+
+    def manifest(self) -> dict:
+        return {
+            "config": to_mapping(self.config), "seed": self.seed, "size": list(self.size), "tile": self.tile,
+            "halo": self.halo, "channels": self.channels, "image_channels": self.image_channels,
+            "factor": self.factor, "output_tile": self.output_tile,
+            "reference_shapes": [list(s) for s in self.reference_shapes],
+            "pixel_reference_shapes": [list(s) for s in self.pixel_reference_shapes],
+            "output_shapes": [list(s) for s in self.output_shapes],
+            "dataset": self.dataset,
+        }
+
+    @property
+    def application(self) -> Application:
+        return application(self.config)
+
+    @property
+    def periodic(self) -> bool:
+        return self.application.periodic
+
+    @property
+    def dataset(self) -> str:
+        """The reference arrays the denoisers read: pixels, or their latents."""
+        return "reference" if self.factor == 1 else "latent"
+
+    @property
+    def correspondence(self) -> bool:
+        """A latent job decoded by folding the reference's pixels at the last step's matches."""
+        return self.factor > 1 and self.config.latent.decode == "correspondence"
