@@ -156,6 +156,8 @@ def create_job(
         "output_tile": tile if factor == 1 else LATENT_OUTPUT_TILE,
         "dataset": "reference" if factor == 1 else "latent",
         "halo": reach,
+        # the application's coarsest scale is written at creation, not sampled (`gigasid check`)
+        "given_coarsest": job_plan.application(config).given_coarsest,
         "scales_done": [],
         "output_done": False,
         "status": "created",

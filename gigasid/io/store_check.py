@@ -231,7 +231,7 @@ def _check_scale(reader: _Reader, manifest: dict, scale: int) -> None:
     every = [(i, j) for i in range(done.shape[1]) for j in range(done.shape[2])]
     marked = scale in manifest["scales_done"]
     coarsest = scale == len(manifest["output_shapes"]) - 1
-    if marked and coarsest and manifest["config"].get("application") == "retarget":  # given, not sampled
+    if marked and coarsest and manifest.get("given_coarsest"):  # written at creation, not sampled
         if reader.chunks(f"scales/{scale}/final", _tile_coords(every)):
             report.scales[scale] = ScaleDamage(stage=steps, given=True)
         return
