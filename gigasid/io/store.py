@@ -20,7 +20,7 @@ Layout (DESIGN.md §5)::
 Every chunk ends in a CRC-32C of its bytes (Zarr v3's ``crc32c`` codec after zstd), and every
 chunk is written even when it holds only the fill value (``write_empty_chunks``), so a chunk that
 should be there and is not is damage, not zeros. A store opened with :meth:`JobStore.open` reads
-through :class:`VerifiedLocalStore`: a missing chunk (other than a done-grid's, where absence means
+through ``VerifiedLocalStore``: a missing chunk (other than a done-grid's, where absence means
 "not done") or one whose checksum fails raises :class:`~gigasid.errors.StoreDamagedError` naming
 it, instead of reading as the fill value. ``gigasid.io.store_check`` reads every chunk the
 done-grids claim up front.
@@ -37,26 +37,33 @@ sampling.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import google_crc32c
 import numpy as np
-import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.storage import LocalStore
 
 from gigasid.errors import InputError, StoreDamagedError
 from gigasid.io.disk import pid_alive
+
+if TYPE_CHECKING:
+    import zarr
 
 # bump when the layout changes; older stores are refused with a clear message
 # (2: every chunk carries a crc32c checksum and is written even when empty)
 FORMAT = 2
 # zstd: natural-image floats barely compress, keep it cheap; crc32c last, over the stored bytes
-_COMPRESSORS = [ZstdCodec(level=1), Crc32cCodec()]
+def _compressors() -> list:
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=1), Crc32cCodec()]
+
+
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 # "<array path>/c/<i>/<j>/...": Zarr v3's default chunk key encoding
 _CHUNK_KEY = re.compile(r"^(?P<array>.+)/c/\d+(/\d+)*$")
@@ -85,36 +92,48 @@ def chunk_problem(data: bytes | None) -> str | None:
     return None
 
 
-class VerifiedLocalStore(LocalStore):
-    """Zarr's LocalStore, except that reading a chunk that should exist and does not, or whose
-    checksum fails, raises :class:`StoreDamagedError` instead of giving the fill value or a codec
-    traceback. ``strict=False`` while a store is being created, when partial first writes may
-    legitimately read chunks not yet written."""
+def verified_local_store(root, *, read_only: bool = False, strict: bool = True):
+    """A ``VerifiedLocalStore`` (below). zarr is imported on the first store opened: an in-memory
+    job never loads it."""
+    return _verified_local_store_class()(root, read_only=read_only, strict=strict)
 
-    def __init__(self, root, *, read_only: bool = False, strict: bool = True):
-        super().__init__(root, read_only=read_only)
-        self.strict = strict
 
-    def with_read_only(self, read_only: bool = False):
-        return type(self)(self.root, read_only=read_only, strict=self.strict)
+@functools.cache
+def _verified_local_store_class():
+    from zarr.storage import LocalStore
 
-    def _verified(self, key: str, buffer, byte_range):
-        array = chunk_array(key)
-        if not self.strict or array is None:
+    class VerifiedLocalStore(LocalStore):
+        """Zarr's LocalStore, except that reading a chunk that should exist and does not, or whose
+        checksum fails, raises :class:`StoreDamagedError` instead of giving the fill value or a codec
+        traceback. ``strict=False`` while a store is being created, when partial first writes may
+        legitimately read chunks not yet written."""
+
+        def __init__(self, root, *, read_only: bool = False, strict: bool = True):
+            super().__init__(root, read_only=read_only)
+            self.strict = strict
+
+        def with_read_only(self, read_only: bool = False):
+            return type(self)(self.root, read_only=read_only, strict=self.strict)
+
+        def _verified(self, key: str, buffer, byte_range):
+            array = chunk_array(key)
+            if not self.strict or array is None:
+                return buffer
+            if buffer is None:
+                problem = None if may_be_absent(array) else "missing"
+            else:  # a byte range (sharded reads; none here) cannot be checked on its own
+                problem = chunk_problem(buffer.to_bytes()) if byte_range is None else None
+            if problem:
+                raise StoreDamagedError(str(self.root), [f"{key} ({problem})"])
             return buffer
-        if buffer is None:
-            problem = None if may_be_absent(array) else "missing"
-        else:  # a byte range (sharded reads; none here) cannot be checked on its own
-            problem = chunk_problem(buffer.to_bytes()) if byte_range is None else None
-        if problem:
-            raise StoreDamagedError(str(self.root), [f"{key} ({problem})"])
-        return buffer
 
-    async def get(self, key, prototype=None, byte_range=None):
-        return self._verified(key, await super().get(key, prototype, byte_range), byte_range)
+        async def get(self, key, prototype=None, byte_range=None):
+            return self._verified(key, await super().get(key, prototype, byte_range), byte_range)
 
-    def get_sync(self, key, *, prototype=None, byte_range=None):
-        return self._verified(key, super().get_sync(key, prototype=prototype, byte_range=byte_range), byte_range)
+        def get_sync(self, key, *, prototype=None, byte_range=None):
+            return self._verified(key, super().get_sync(key, prototype=prototype, byte_range=byte_range), byte_range)
+
+    return VerifiedLocalStore
 
 
 def stage_buffers(scale: int, stage: int, num_steps: int) -> tuple[str | None, str]:
@@ -203,18 +222,19 @@ class JobStore:
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise InputError(f"cannot create {path}: directory {parent} does not exist or is not writable")
-        group = zarr.open_group(store=VerifiedLocalStore(path, strict=False), mode="w", zarr_format=3)
+        import zarr
+
+        group = zarr.open_group(store=verified_local_store(path, strict=False), mode="w", zarr_format=3)
         store = cls(path, group)
         store.write_manifest({**manifest, "format": FORMAT})
         return store
 
     @classmethod
     def in_memory(cls, manifest: dict) -> JobStore:
-        """A store held in memory (a zarr ``MemoryStore``), for an in-memory job: the same layout
-        and the same tasks as on disk, under a key no other store has."""
-        from zarr.storage import MemoryStore
-
-        group = zarr.open_group(store=MemoryStore(), mode="w", zarr_format=3)
+        """A store held in memory, for an in-memory job: the same layout, arrays and tasks as on
+        disk (numpy arrays behind the part of zarr's array interface the engine uses: no codecs,
+        no event loop to start for a thumbnail), under a key no other store has."""
+        group = _MemoryGroup()
         store = cls(f"memory://{id(group):x}-{os.urandom(4).hex()}", group, memory=True)
         store.write_manifest({**manifest, "format": FORMAT})
         return store
@@ -236,7 +256,9 @@ class JobStore:
         if not isinstance(meta, dict) or meta.get("node_type") != "group":
             raise InputError(f"{path} is not a gigasid job store (its zarr.json is not a Zarr group's)")
         try:
-            group = zarr.open_group(store=VerifiedLocalStore(path), mode="r+", zarr_format=3)
+            import zarr
+
+            group = zarr.open_group(store=verified_local_store(path), mode="r+", zarr_format=3)
         except (ValueError, TypeError, KeyError) as error:
             raise InputError(f"{path}/zarr.json is not a readable Zarr v3 group ({error}); run the job again") from None
         manifest = group.attrs.get("gigasid")
@@ -334,10 +356,9 @@ class JobStore:
         return array.with_config(_ARRAY_CONFIG)
 
     def create_array(self, name: str, shape, chunks, dtype, *, fill_value=0) -> zarr.Array:
-        # in memory nothing is lost or garbled on the way: no compression, no checksum
+        options = {} if self.memory else {"compressors": _compressors(), "overwrite": True, "config": _ARRAY_CONFIG}
         return self.group.create_array(
-            name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill_value,
-            compressors=None if self.memory else _COMPRESSORS, overwrite=True, config=_ARRAY_CONFIG,
+            name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill_value, **options
         )
 
     # ---- a reference level, memory-mapped ---------------------------------------------------
@@ -372,7 +393,7 @@ class JobStore:
         plain = {}
         for key, value in state.items():
             if isinstance(value, np.ndarray):
-                self.group.create_array(f"codec/{key}", data=value, overwrite=True, compressors=_COMPRESSORS,
+                self.group.create_array(f"codec/{key}", data=value, overwrite=True, compressors=_compressors(),
                                         config=_ARRAY_CONFIG)
             else:
                 plain[key] = value
@@ -421,3 +442,54 @@ def read_box(array: zarr.Array, box: tuple[int, int, int, int], *, periodic: boo
     rows = np.arange(r0, r1) % height
     cols = np.arange(c0, c1) % width
     return array.oindex[:, rows, cols]
+
+
+class _MemoryArray:
+    """A numpy array behind the slice of zarr's array interface the engine uses: ``[...]`` reads
+    (copies, as zarr's do) and writes, ``oindex``, ``shape``, ``dtype``, ``chunks``."""
+
+    def __init__(self, data: np.ndarray, chunks: tuple[int, ...]):
+        self.data, self.chunks = data, chunks
+
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.array(self.data[key])
+
+    def __setitem__(self, key, values) -> None:
+        self.data[key] = values
+
+    @property
+    def oindex(self):
+        data = self.data
+
+        class _Orthogonal:  # each index applies along its own axis, as zarr's oindex
+            def __getitem__(self, key):
+                out = data
+                for axis, index in enumerate(key if isinstance(key, tuple) else (key,)):
+                    out = np.take(out, index, axis=axis) if isinstance(index, np.ndarray) else out[(slice(None),) * axis + (index,)]
+                return np.array(out)
+
+        return _Orthogonal()
+
+    def with_config(self, config) -> _MemoryArray:
+        return self
+
+
+class _MemoryGroup:
+    """The arrays and attributes of an in-memory store (see :meth:`JobStore.in_memory`)."""
+
+    def __init__(self):
+        self.attrs: dict = {}
+        self.arrays: dict[str, _MemoryArray] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
+    def __getitem__(self, name: str) -> _MemoryArray:
+        return self.arrays[name]
+
+    def create_array(self, name, *, shape, chunks, dtype, fill_value=0) -> _MemoryArray:
+        self.arrays[name] = _MemoryArray(np.full(shape, fill_value, dtype=dtype), tuple(chunks))
+        return self.arrays[name]
