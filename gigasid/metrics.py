@@ -50,6 +50,7 @@ from gigasid.errors import ConfigError
 __all__ = [
     "FogMap",
     "SourceUsage",
+    "border_gradient_ratio",
     "detail_retention",
     "fog_map",
     "largest_copied_region",
@@ -775,3 +776,28 @@ def source_usage(
     repetition = _repetition(small_img.astype(np.float64), max(1, min_shift // reduce))
     return SourceUsage(top_share=top_share, coverage=coverage, repetition=repetition,
                        cell_counts=counts.reshape(n_r, n_c))
+
+
+# --------------------------------------------------------------------------------------------
+# seams: does the border of a held region show?
+
+
+def border_gradient_ratio(image: npt.ArrayLike, known: npt.ArrayLike) -> float:
+    """Mean |gray difference| of neighbouring pixels across the border of a ``known`` region (bool
+    (H, W): the pixels an outpainted or inpainted image kept) over the mean of every other pair of
+    neighbours. About 1 when the border does not show; a seam, a step in brightness or a blurred
+    band makes it larger or smaller."""
+    gray = _gray(_as_image(image, "image"))
+    known = np.asarray(known, dtype=bool)
+    if known.shape != gray.shape:
+        raise ValueError(f"known is {known.shape}, the image {gray.shape[:2]}")
+    across, elsewhere = [], []
+    for axis in (0, 1):
+        step = np.abs(np.diff(gray, axis=axis))
+        crossing = np.diff(known.astype(np.int8), axis=axis) != 0
+        across.append(step[crossing])
+        elsewhere.append(step[~crossing])
+    across, elsewhere = np.concatenate(across), np.concatenate(elsewhere)
+    if across.size == 0 or elsewhere.size == 0:
+        raise ValueError("the known region has no border inside the image")
+    return float(across.mean() / max(elsewhere.mean(), 1e-12))
