@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", type=Path, required=True, help="output image, or a folder for a folder input")
     gen.add_argument("--pipeline", default="uncond", help=f"preset name ({pipelines}) or a YAML file")
     gen.add_argument("--size", help="output size HEIGHTxWIDTH (default: the preset's output_scale × input)")
+    gen.add_argument("--structure", type=Path, metavar="CONTENT",
+                     help="--pipeline analogy: the image whose layout the output takes, drawn with INPUT's "
+                     "patches (default size: its own, scaled by output_scale; another aspect ratio is refused)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first sample, 0 <= N < 2^63")
     gen.add_argument("--samples", type=int, default=1, help="samples per input (seeds seed, seed+1, ...)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -183,6 +186,7 @@ def generate_command(args: argparse.Namespace) -> None:
     from gigasid.core.device import resolve_device
 
     resolve_device(config.device)  # cuda on a machine without one: refused before any work
+    structure_shape = _check_structure(args, config)
     if args.export and args.output.suffix != ".zarr":
         raise InputError(
             f"--export exports a job store: write the job to one (-o JOB.zarr --export {args.export[0]}), "
@@ -195,15 +199,18 @@ def generate_command(args: argparse.Namespace) -> None:
 
         for path in args.export:  # a bad export path fails now, not after the job
             check_export(path)
-            _refuse_overwrites([args.input], exporter_for(path).outputs(path))
-        _refuse_overwrites([args.input], [args.output])
+            _refuse_overwrites([args.input, *_structure(args)], exporter_for(path).outputs(path))
+        _refuse_overwrites([args.input, *_structure(args)], [args.output])
         _generate_store(args, config, size)
         for path in args.export:
             _export(args.output, path)
         return
     folder_input = args.input.is_dir()
     inputs = list_images(args.input) if folder_input else [args.input]
+    if folder_input and args.structure is not None:
+        raise InputError("--structure takes one input image (the style), not a folder")
     planned = _outputs_for(inputs, args.output, args.samples, folder_input)
+    _refuse_overwrites(_structure(args), [path for outputs in planned for path in outputs])
 
     from gigasid import jobs
     from gigasid.io.images import image_shape
@@ -211,7 +218,10 @@ def generate_command(args: argparse.Namespace) -> None:
     sizes = []
     for path, outputs in zip(inputs, planned):  # every limit checked before the first image is computed
         height, width, channels = image_shape(path)
-        out_size = size or jobs.default_size(height, width, config)
+        if structure_shape is not None:  # an analogy: the structure's size, its aspect kept
+            out_size = jobs.structure_size(structure_shape, size, config)
+        else:
+            out_size = size or jobs.default_size(height, width, config)
         tiled = args.tile is not None or out_size[0] * out_size[1] > TILED_ABOVE_PIXELS
         limits.check_in_memory(path, (height, width, channels), out_size, config, tiled=tiled, force=args.force)
         for out_path in outputs:
@@ -220,20 +230,47 @@ def generate_command(args: argparse.Namespace) -> None:
 
     import torch
 
+    def model_space(path):
+        return torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+
+    structure = None if args.structure is None else model_space(args.structure)
     for path, outputs, (out_size, tiled) in zip(inputs, planned, sizes):
-        pixels = read_image(path)
-        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous() * 2.0 - 1.0
+        image = model_space(path)
         if tiled:
             for offset, out_path in enumerate(outputs):
-                _tiled_to_image(args, config, out_size, image, args.seed + offset, out_path, path)
+                _tiled_to_image(args, config, out_size, image, args.seed + offset, out_path, path, structure)
             continue
-        job = jobs.prepare(image, config, size=size)
+        job = jobs.prepare(image, config, size=size, structure=structure)
         for offset, out_path in enumerate(outputs):
             started = time.perf_counter()
             result = jobs.run(job, seed=args.seed + offset)
             total = time.perf_counter() - started
             write_image(out_path, jobs.to_pixels(result.image).transpose(1, 2, 0))
             _print_table(path, out_path, job, result, total, args.seed + offset)
+
+
+def _structure(args) -> list[Path]:
+    return [] if args.structure is None else [args.structure]
+
+
+def _check_structure(args, config) -> tuple[int, int] | None:
+    """The structure image's (H, W) when the application takes one (refused when it does not, or
+    when one is missing or unreadable)."""
+    from gigasid.plan import check_structure
+
+    check_structure(config, args.structure is not None)
+    if args.structure is None:
+        return None
+    from gigasid.io.images import image_shape
+
+    try:
+        return image_shape(args.structure)[:2]
+    except InputError as error:
+        message = str(error)
+        raise InputError(
+            message.replace("input image", "structure image", 1) if message.startswith("input image")
+            else f"structure image: {message}"
+        ) from None
 
 
 def _run_store(store, scheduler: str, *, resumable: bool = True) -> None:
@@ -269,13 +306,13 @@ def _generate_store(args, config, size) -> None:
     limits.check_job_store(args.input, image_shape(args.input), config, force=args.force)
     store = engine.create_job(
         args.output, args.input, config, size=size, seed=args.seed, tile=args.tile or default_tile(config),
-        source=str(args.input), force=args.force, profile=profile,
+        source=str(args.input), force=args.force, profile=profile, structure=args.structure,
     )
     print(f"{args.input} -> {args.output} (pipeline: {config.application}, seed {args.seed})")
     _run_store(store, args.scheduler)
 
 
-def _tiled_to_image(args, config, size, image, seed, out_path, source) -> None:
+def _tiled_to_image(args, config, size, image, seed, out_path, source, structure=None) -> None:
     """An image output through the tiled engine: a temporary store beside the output."""
     import tempfile
 
@@ -291,6 +328,7 @@ def _tiled_to_image(args, config, size, image, seed, out_path, source) -> None:
         store = engine.create_job(
             Path(scratch) / "job.zarr", image, config, size=size, seed=seed,
             tile=args.tile or default_tile(config), source=str(source), force=args.force, profile=profile,
+            structure=structure,
         )
         print(f"{source} -> {out_path} (pipeline: {config.application}, seed {seed}, tiled)")
         _run_store(store, args.scheduler, resumable=False)

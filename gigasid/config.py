@@ -93,8 +93,9 @@ class LatentConfig:
 class JobConfig:
     """One generation job. Defaults are the paper's pixel-space settings."""
 
-    #: uncond, retarget (coarsest scale = resized input), symmetric or tileable
-    application: Literal["uncond", "retarget", "symmetric", "tileable"] = "uncond"
+    #: uncond, retarget (coarsest scale = resized input), symmetric, tileable or analogy (coarsest
+    #: scale = the --structure image's layout, finer scales from the input's patches)
+    application: Literal["uncond", "retarget", "symmetric", "tileable", "analogy"] = "uncond"
     #: flow_linear (paper default) or ve_edm
     noise_schedule: Literal["flow_linear", "ve_edm"] = "flow_linear"
     #: denoiser calls per scale (T)
@@ -114,6 +115,10 @@ class JobConfig:
     output_scale: tuple[float, float] = (1.0, 1.0)
     #: mirror axis of the symmetric application
     symmetry: Literal["horizontal", "vertical", "both"] = "horizontal"
+    #: analogy: how far the structure's coarsest level is DDIM-inverted (with its own patches)
+    #: before the input's denoiser brings it back (paper's code: 0.5), as the fraction of noise
+    #: σ/(α+σ) to stop at; 0 keeps the structure's own values (its colours), 1 inverts fully
+    structure_noise: float = field(default=0.5, metadata=_range(0.0, 1.0))
     #: where the denoisers run: cpu (the numba kernels), cuda (their torch twins on the GPU, with
     #: a FAISS GPU index where faiss has one; refused where torch sees no CUDA device) or auto
     #: (cuda where torch sees one, else cpu); see ``core.device``

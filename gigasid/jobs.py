@@ -26,6 +26,7 @@ from gigasid.plan import (
     output_shapes,
     reference_pyramid,
     scale_denoiser,
+    structure_size,
     to_pixels,
 )
 
@@ -86,13 +87,23 @@ class PreparedJob:
         )
 
 
-def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | None = None) -> PreparedJob:
+def prepare(
+    image: torch.Tensor,
+    config: JobConfig,
+    *,
+    size: tuple[int, int] | None = None,
+    structure: torch.Tensor | None = None,
+) -> PreparedJob:
     """Build the reference pyramid (and its latents), the output shapes and one denoiser per scale.
 
     ``image`` is (C, H, W) in [-1, 1]; ``size`` the pixel output (H, W), default the input scaled
-    by ``config.output_scale``.
+    by ``config.output_scale``. ``structure``: the layout image of an analogy, (C', H', W') in
+    [-1, 1] (then the default size is its own, scaled; ``plan.structure_size``).
     """
+    job_plan.check_structure(config, structure is not None)
     channels, height, width = image.shape
+    if structure is not None:
+        size = job_plan.structure_size(tuple(structure.shape[1:]), size, config)
     pixel_levels = reference_pyramid(image, config)
     pixel_shapes = [tuple(level.shape[-2:]) for level in pixel_levels]
     codec = job_plan.build_codec(
@@ -110,7 +121,12 @@ def prepare(image: torch.Tensor, config: JobConfig, *, size: tuple[int, int] | N
         denoisers.append(scale_denoiser(level, config, periodic=periodic))
         setup.append(time.perf_counter() - started)
     fixed = None
-    if job_plan.application(config).given_coarsest:
+    if structure is not None:  # analogy: the structure's pyramid down to the output's coarsest grid
+        coarsest = job_plan.output_pyramid_shapes(pixel_shapes, *size)[-1]
+        shapes = job_plan.structure_shapes(*structure.shape[1:], coarsest)
+        layout = job_plan.structure_pyramid(job_plan.match_channels(structure, channels), shapes)[-1]
+        fixed = job_plan.structure_coarsest(layout, codec, denoisers[-1], config)
+    elif job_plan.application(config).given_coarsest:
         fixed = job_plan.given_coarsest(levels[-1], out_shapes[-1])
     sampled_channels = channels if codec is None else codec.channels
     return PreparedJob(
@@ -150,5 +166,5 @@ def generate(
 
 __all__ = [
     "PreparedJob", "SampleResult", "ScaleTiming", "codec_factor", "generate", "latent_shape", "make_noise_schedule",
-    "output_shapes", "prepare", "reference_pyramid", "run", "scale_denoiser", "to_pixels",
+    "output_shapes", "prepare", "reference_pyramid", "run", "scale_denoiser", "structure_size", "to_pixels",
 ]

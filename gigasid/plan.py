@@ -47,6 +47,13 @@ class Application:
     given_coarsest: bool = False
     #: runs only in pixel space
     pixel_only: bool = False
+    #: the given coarsest scale is a second image's layout (``--structure``: its pyramid down to
+    #: the output's coarsest grid, encoded by the job's codec), not the reference's
+    structure: bool = False
+    #: part of the output is known and held at every scale and step (``core.known``): "placed",
+    #: the reference placed on a larger canvas (outpaint); "masked", the reference itself outside
+    #: a mask, the mask's patches excluded from the candidates (inpaint)
+    known_region: str | None = None
 
 
 APPLICATIONS: dict[str, Application] = {}
@@ -61,6 +68,7 @@ register_application(Application("uncond"))
 register_application(Application("retarget", given_coarsest=True))
 register_application(Application("symmetric", mirrored=True, pixel_only=True))
 register_application(Application("tileable", periodic=True))
+register_application(Application("analogy", given_coarsest=True, structure=True))
 
 
 def application(config: JobConfig) -> Application:
@@ -142,6 +150,105 @@ def output_shapes(
 def given_coarsest(level: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """retarget's coarsest scale: the reference's coarsest level resized to the output's."""
     return resample(level, shape)
+
+
+# --- the structure image (analogy) -------------------------------------------------------------
+
+
+def check_structure(config: JobConfig, given: bool) -> None:
+    """A structure image is given exactly when the application takes one."""
+    takes = application(config).structure
+    if takes and not given:
+        raise InputError(
+            f"the {config.application} application needs a structure image: add --structure CONTENT.jpg "
+            "(its layout, drawn with the input's patches)"
+        )
+    if given and not takes:
+        names = ", ".join(name for name, app in APPLICATIONS.items() if app.structure)
+        raise InputError(
+            f"--structure is for an application that takes a layout image ({names}: --pipeline analogy "
+            f"or analogy-large); this pipeline's application is {config.application}"
+        )
+
+
+def structure_size(shape: tuple[int, int], size: tuple[int, int] | None, config: JobConfig) -> tuple[int, int]:
+    """The output size of an analogy: ``size``, default the structure image's ``shape`` scaled by
+    ``output_scale``. The layout is never stretched: an output of another aspect ratio than the
+    structure's (more than 1 % or 1 px off) is refused, not resized to fit."""
+    height, width = shape
+    size = tuple(size) if size is not None else default_size(height, width, config)
+    expected = size[0] * width / height
+    if abs(size[1] - expected) > max(1.0, 0.01 * size[1]):
+        fit = f"{size[0]}x{max(1, round(expected))}"
+        raise InputError(
+            f"the structure image is {height}x{width} but the output would be {size[0]}x{size[1]}: another "
+            f"aspect ratio would stretch its layout, so it is refused; ask for --size {fit} (its aspect), "
+            "or crop the structure image to the output's"
+        )
+    return size
+
+
+def structure_shapes(height: int, width: int, coarsest: tuple[int, int]) -> list[tuple[int, int]]:
+    """The structure image's pyramid, finest first: halvings as the reference's pyramid (same
+    shapes rule, same resampling) down to the output's coarsest pixel short side, then the
+    output's coarsest pixel shape itself when that differs by rounding."""
+    shapes = pyramid_shapes(height, width, min_short_side=min(min(coarsest), height, width))
+    if shapes[-1] != tuple(coarsest):
+        shapes.append(tuple(coarsest))
+    return shapes
+
+
+def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """A (C, H, W) structure image with the reference's channel count: grey is repeated into RGB,
+    RGB becomes its Rec. 601 luma. Elementwise, so a strip gives the whole image's values."""
+    if image.shape[0] == channels:
+        return image
+    if channels == 3:
+        return image.expand(3, *image.shape[1:]).contiguous()
+    return 0.299 * image[0:1] + 0.587 * image[1:2] + 0.114 * image[2:3]
+
+
+def structure_pyramid(image: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The structure's pixel levels at ``shapes`` (:func:`structure_shapes`), each resampled
+    from the one above, as :func:`reference_pyramid`."""
+    levels = [image]
+    for shape in shapes[1:]:
+        levels.append(resample(levels[-1], shape))
+    return levels
+
+
+def structure_coarsest(
+    level: torch.Tensor, codec: Codec | None, denoiser: ImageDenoiser, config: JobConfig
+) -> torch.Tensor:
+    """analogy's coarsest scale, as the paper's code makes it: the structure's coarsest pixel
+    level (on the output's coarsest pixel grid; encoded with the codec fitted on the reference in
+    a latent job) DDIM-inverted with a denoiser of its own patches up to ``structure_noise``,
+    then DDIM-sampled back (η = 0) with ``denoiser``, the reference's coarsest: the layout in
+    the reference's colours and patches. Deterministic; departure: the inversion starts from
+    α_1·x_0, without the paper's σ_1·randn (σ_1 = 1e-4 here)."""
+    from gigasid.core.noise_schedule import epsilon_from_x_hat, make_noise_schedule, step
+
+    x = level if codec is None else encode_level(codec, level)
+    if config.structure_noise == 0.0:
+        return x
+    alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
+    noise = sigmas / (alphas + sigmas)
+    stop = int(torch.argmin((noise[1:] - config.structure_noise).abs())) + 1  # the step nearest to it
+    # the structure's own patches, every one (a few hundred at the coarsest scale): exact, float32
+    patches = unfold_rows(x.contiguous(), config.patch_size, 0, grid_shape(*x.shape[-2:], config.patch_size)[0])
+    own = ImageDenoiser(ExactDenoiser(patches, compute_dtype=torch.float32), patch_size=config.patch_size,
+                        rho=config.rho, device=resolve_device(config.device))
+    x = float(alphas[1]) * x
+    for t in range(1, stop):  # data → noise: each step lands one index noisier
+        alpha, sigma = float(alphas[t]), float(sigmas[t])
+        x_hat = own(x, alpha, sigma, step=t)
+        x = float(alphas[t + 1]) * x_hat + float(sigmas[t + 1]) * epsilon_from_x_hat(x, x_hat, alpha, sigma)
+    for t in range(stop, 0, -1):  # noise → data with the reference's patches
+        alpha, sigma = float(alphas[t]), float(sigmas[t])
+        x_hat = denoiser(x, alpha, sigma, step=t)
+        eps_hat = epsilon_from_x_hat(x, x_hat, alpha, sigma)
+        x = step(x_hat, eps_hat, alpha_to=float(alphas[t - 1]), sigma_to=float(sigmas[t - 1]), eta=0.0, noise=None)
+    return x
 
 
 # --- codecs ----------------------------------------------------------------------------------

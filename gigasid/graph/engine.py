@@ -69,31 +69,48 @@ def ingest_reference(store: JobStore, source: torch.Tensor | str | Path, config:
     resampled band by band from the level above, with the same taps and arithmetic as
     ``plan.reference_pyramid``, so the values are those of the in-memory pyramid.
     """
+    return ingest_pyramid(
+        store, "reference", source, lambda height, width: job_plan.pixel_reference_shapes(height, width, config),
+        rows=rows,
+    )
+
+
+def ingest_pyramid(
+    store: JobStore, name: str, source: torch.Tensor | str | Path, shapes_of, *, channels: int | None = None,
+    rows: int = 256,
+):
+    """Write an image's pyramid at ``shapes_of(height, width)`` into ``name/<level>`` (see
+    :func:`ingest_reference`); ``channels``: converted to that many (``plan.match_channels``)."""
     from gigasid.io.images import image_shape, read_strips
 
     if isinstance(source, torch.Tensor):
-        channels, height, width = source.shape
-        strips = ((top, source[:, top : top + rows].numpy()) for top in range(0, height, rows))
+        height, width = source.shape[1:]
+        strips = ((top, source[:, top : top + rows]) for top in range(0, height, rows))
     else:
-        height, width, channels = image_shape(source)
+        height, width, _ = image_shape(source)
         # model space [-1, 1]: the same elementwise op as the in-memory path
-        strips = ((top, strip.transpose(2, 0, 1) * 2.0 - 1.0) for top, strip in read_strips(source, rows))
-    shapes = job_plan.pixel_reference_shapes(height, width, config)
-    level0 = store.create_array("reference/0", (channels, height, width), (channels, rows, width), "float32")
+        strips = ((top, torch.from_numpy(strip.transpose(2, 0, 1) * 2.0 - 1.0)) for top, strip in read_strips(source, rows))
+    if channels is not None:
+        strips = ((top, job_plan.match_channels(strip, channels)) for top, strip in strips)
+    shapes = shapes_of(height, width)
+    level0 = None
     for top, strip in strips:
-        level0[:, top : top + strip.shape[1]] = strip.astype(np.float32)
+        if level0 is None:
+            channels = strip.shape[0]
+            level0 = store.create_array(f"{name}/0", (channels, height, width), (channels, rows, width), "float32")
+        level0[:, top : top + strip.shape[1]] = strip.numpy().astype(np.float32)
     for scale in range(1, len(shapes)):
-        _downsample_level(store, scale, shapes, channels, rows)
+        _downsample_level(store, scale, shapes, channels, rows, name=name)
     return shapes, int(channels)
 
 
-def _downsample_level(store: JobStore, scale: int, shapes, channels: int, rows: int) -> None:
-    """reference/scale from reference/scale-1, ``rows`` output rows at a time."""
+def _downsample_level(store: JobStore, scale: int, shapes, channels: int, rows: int, *, name: str = "reference") -> None:
+    """name/scale from name/scale-1, ``rows`` output rows at a time."""
     from gigasid.core.pyramid import resample_axis, resample_taps
 
     in_h, (out_h, out_w) = shapes[scale - 1][0], shapes[scale]
-    above = store.array(f"reference/{scale - 1}")
-    level = store.create_array(f"reference/{scale}", (channels, out_h, out_w), (channels, rows, out_w), "float32")
+    above = store.array(f"{name}/{scale - 1}")
+    level = store.create_array(f"{name}/{scale}", (channels, out_h, out_w), (channels, rows, out_w), "float32")
     for top in range(0, out_h, rows):
         bottom = min(out_h, top + rows)
         taps, _ = resample_taps(in_h, out_h, out_range=(top, bottom))
@@ -114,23 +131,33 @@ def create_job(
     source: str = "",
     force: bool = False,
     profile: Profile | None = None,
+    structure: torch.Tensor | str | Path | None = None,
 ) -> JobStore:
     """Make the store of a new job: manifest, reference pyramid, indexes, buffers. Locked.
 
-    ``image`` is the reference: an image file (read in strips) or a (C, H, W) tensor in [-1, 1].
-    The disk must have room for the plan's estimate of the store, and, with the ``profile`` it
-    will run on, the memory for its tasks (``force``: start anyway).
+    ``image`` is the reference: an image file (read in strips) or a (C, H, W) tensor in [-1, 1];
+    ``structure`` the layout image of an analogy, likewise (its pyramid is kept in the store,
+    ``structure/<level>``, and the default size is its own). The disk must have room for the
+    plan's estimate of the store, and, with the ``profile`` it will run on, the memory for its
+    tasks (``force``: start anyway).
     """
+    from gigasid.io.images import image_shape
+
+    job_plan.check_structure(config, structure is not None)
     if config.denoiser.backend == "knn" and config.index.coherence != "none":
         raise InputError("tiled jobs need index.coherence: none (coherence reads the whole image)")
     if isinstance(image, torch.Tensor):
         height, width = image.shape[1:]
     else:
-        from gigasid.io.images import image_shape
-
         height, width, _ = image_shape(image)
     pixel_shapes = job_plan.pixel_reference_shapes(height, width, config)
     ref_shapes = job_plan.reference_shapes(height, width, config)
+    structure_shapes = None
+    if structure is not None:
+        layout = tuple(structure.shape[1:]) if isinstance(structure, torch.Tensor) else image_shape(structure)[:2]
+        size = job_plan.structure_size(layout, size, config)
+        coarsest = job_plan.output_pyramid_shapes(pixel_shapes, *size)[-1]
+        structure_shapes = job_plan.structure_shapes(*layout, coarsest)
     size = tuple(size or job_plan.default_size(height, width, config))
     out_shapes = job_plan.output_shapes(pixel_shapes, size, config)
     factor = job_plan.codec_factor(config)
@@ -158,6 +185,9 @@ def create_job(
         "halo": reach,
         # the application's coarsest scale is written at creation, not sampled (`gigasid check`)
         "given_coarsest": job_plan.application(config).given_coarsest,
+        # analogy: the structure image's pixel pyramid (``structure/<level>``), its last level the
+        # output's coarsest pixel grid; the given coarsest scale is rewritten from it (repair)
+        **({"structure_shapes": [list(s) for s in structure_shapes]} if structure_shapes else {}),
         "scales_done": [],
         "output_done": False,
         "status": "created",
@@ -175,6 +205,10 @@ def create_job(
         from gigasid.io.store_check import file_crc32c
 
         manifest["source_file"] = {"path": str(Path(image).resolve()), "crc32c": file_crc32c(Path(image))}
+    if structure is not None and not isinstance(structure, torch.Tensor):  # likewise for the structure
+        from gigasid.io.store_check import file_crc32c
+
+        manifest["structure_file"] = {"path": str(Path(structure).resolve()), "crc32c": file_crc32c(Path(structure))}
     # the image's channels are not read yet: count 3 (grey needs less); a latent job's are the codec's
     channels = 3 if factor == 1 else config.latent.channels
     check_free_space(path.parent, disk_estimate(manifest, channels, 3), force=force, what=f"the job store {path}")
@@ -183,7 +217,7 @@ def create_job(
     try:
         store = JobStore.create(building, manifest)
         store.acquire_lock()
-        return _build_job(store, building, path, image, config, manifest)
+        return _build_job(store, building, path, image, config, manifest, structure)
     except BaseException as error:
         # a half-built store is of no use: remove it now rather than leave it filling the disk
         # (a kill, which runs no handler, leaves it for the next generate to remove)
@@ -194,7 +228,9 @@ def create_job(
         raise
 
 
-def _build_job(store: JobStore, building: Path, path: Path, image, config: JobConfig, manifest: dict) -> JobStore:
+def _build_job(
+    store: JobStore, building: Path, path: Path, image, config: JobConfig, manifest: dict, structure=None
+) -> JobStore:
     """Fill a new job store created at ``building`` and rename it to ``path``."""
     ref_shapes = manifest["reference_shapes"]
     pixel_shapes = [tuple(s) for s in manifest["pixel_reference_shapes"]]
@@ -219,6 +255,10 @@ def _build_job(store: JobStore, building: Path, path: Path, image, config: JobCo
         store.update_manifest(index_checksums={
             str(scale): file_checksums(store.index_dir(scale)) for scale in range(len(ref_shapes))
         })
+    if structure is not None:
+        started = time.perf_counter()
+        _ingest_structure(store, structure)
+        setup["structure"] = time.perf_counter() - started
     store.update_manifest(setup_timings=setup)
     create_buffers(store, JobPlan.from_manifest(store.manifest), output_dtype="uint8")
     if job_plan.application(config).given_coarsest:  # the coarsest scale is given, not sampled
@@ -264,12 +304,40 @@ def _build_index(store: JobStore, config: JobConfig, scale: int) -> None:
     store.write_level_copy(dataset, scale)
 
 
+def _ingest_structure(store: JobStore, structure) -> None:
+    """An analogy's structure pyramid, ``structure/<level>`` at the manifest's shapes with the
+    reference's channels, and from its last level the given coarsest scale, kept as
+    ``structure/given`` (``plan.structure_coarsest``: encoded with the stored codec in a latent
+    job, inverted and sampled back with the reference's coarsest denoiser, as the in-memory job)."""
+    manifest = store.manifest
+    plan = JobPlan.from_manifest(manifest)
+    shapes = [tuple(s) for s in manifest["structure_shapes"]]
+    ingest_pyramid(store, "structure", structure, lambda height, width: shapes,
+                   channels=manifest["image_channels"])
+    codec = None
+    if plan.factor > 1:
+        from gigasid.codecs import from_state
+
+        codec = from_state(store.load_codec_state())
+    coarsest = len(plan.output_shapes) - 1
+    style = torch.from_numpy(store.array(f"{plan.dataset}/{coarsest}")[...])
+    index_dir = store.index_dir(coarsest) if plan.config.denoiser.backend == "knn" else None
+    denoiser = job_plan.scale_denoiser(style, plan.config, periodic=plan.periodic, index_dir=index_dir)
+    level = torch.from_numpy(store.array(f"structure/{len(shapes) - 1}")[...])
+    values = job_plan.structure_coarsest(level, codec, denoiser, plan.config).numpy()
+    store.create_array("structure/given", values.shape, values.shape, "float32")[...] = values
+
+
 def _write_given_coarsest(store: JobStore) -> None:
-    """Retarget's coarsest scale: the coarsest reference level resized to the output's."""
+    """The coarsest scale an application gives: retarget's, the coarsest reference level resized
+    to the output's; analogy's, the values kept in ``structure/given``."""
     manifest = store.manifest
     coarsest = len(manifest["output_shapes"]) - 1
-    level = torch.from_numpy(store.array(f"{manifest['dataset']}/{len(manifest['reference_shapes']) - 1}")[...])
-    values = job_plan.given_coarsest(level, tuple(manifest["output_shapes"][-1]))
+    if job_plan.application(JobPlan.from_manifest(manifest).config).structure:
+        values = torch.from_numpy(store.array("structure/given")[...])
+    else:
+        level = torch.from_numpy(store.array(f"{manifest['dataset']}/{len(manifest['reference_shapes']) - 1}")[...])
+        values = job_plan.given_coarsest(level, tuple(manifest["output_shapes"][-1]))
     store.array(f"scales/{coarsest}/final")[...] = values.numpy()
 
 
@@ -399,7 +467,8 @@ def check_memory(manifest: dict, config: JobConfig, channels: int, profile: Prof
 def disk_estimate(manifest: dict, channels: int, image_channels: int) -> int:
     """Bytes a job's store holds at most, before compression: the float32 reference pyramid, three
     float32 buffers per scale (x0, x1, final) and the uint8 output."""
-    reference = sum(h * w for h, w in manifest["pixel_reference_shapes"]) * image_channels * 4
+    reference = sum(h * w for h, w in manifest["pixel_reference_shapes"] + manifest.get("structure_shapes", []))
+    reference *= image_channels * 4
     buffers = sum(3 * channels * h * w * 4 for h, w in manifest["output_shapes"])
     height, width = manifest["size"]
     return reference + buffers + image_channels * height * width
@@ -669,8 +738,9 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
     are overwritten by then). The output's tiles and pyramid levels likewise. Sampling is a
     function of (seed, position), so the recomputed chunks are the lost ones, bit for bit. A
     damaged index is rebuilt from the reference, damaged latents are encoded again with the stored
-    codec, a damaged reference is read again from the source image if it is still there unchanged;
-    anything else (the codec, the reference without its source) raises instead.
+    codec, a damaged reference (or an analogy's structure pyramid) is read again from its image if
+    that is still there unchanged; anything else (the codec, the reference without its source)
+    raises instead.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     if report.fatal:
@@ -681,6 +751,10 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
         source = source_available(manifest)
         ingest_reference(store, source, JobPlan.from_manifest(store.manifest).config)
         log(f"reference: read again from {source}")
+    if report.structure:
+        source = source_available(manifest, "structure_file")
+        _ingest_structure(store, source)
+        log(f"structure: read again from {source}")
     if report.latents:
         from gigasid.codecs import from_state
 

@@ -152,7 +152,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "scales_done": (list,), "output_shapes": (list,), "reference_shapes": (list,),
     "pixel_reference_shapes": (list,), "timings": (dict,), "setup_timings": (dict,),
     "compute_seconds": (dict,), "output_pyramid": (dict, type(None)), "index_checksums": (dict,),
-    "source_file": (dict,),
+    "source_file": (dict,), "structure_shapes": (list,), "structure_file": (dict,),
 }
 # what a job store (not the synthetic stores of io.testing) must hold
 _JOB_KEYS = ("config", "seed", "size", "tile", "halo", "channels", "output_shapes", "reference_shapes",

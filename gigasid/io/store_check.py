@@ -5,7 +5,7 @@ chunk's bytes and checks its CRC-32C (``gigasid.io.store``), without decoding it
 is missing or corrupt in terms the driver can act on:
 
 * the reference pyramid (read again from the source image when that is still there, unchanged:
-  its CRC-32C is in the manifest), its latents (encoded again with the stored codec) and the
+  its CRC-32C is in the manifest) and an analogy's structure pyramid (likewise), its latents (encoded again with the stored codec) and the
   fitted codec (every chunk: any recomputation reads them; a damaged codec is not repairable),
   and the index files (their CRC-32C recorded in the manifest when they were built), which are
   rebuilt from the reference;
@@ -44,7 +44,7 @@ class ScaleDamage:
     stage: int  # the stage whose damaged tiles are to be redone (num_steps for a finished scale)
     tiles: set[Tile] = field(default_factory=set)  # tiles whose chunk written by ``stage`` is damaged
     restart: bool = False  # the values ``stage`` reads are damaged (or the done-grid): redo the scale
-    given: bool = False  # retarget's coarsest scale, written at creation: write it again
+    given: bool = False  # a given coarsest scale (retarget, analogy), written at creation: write it again
     grid: bool = False  # the done-grid itself is unreadable (and so ``restart``)
 
 
@@ -61,6 +61,7 @@ class CheckReport:
     indexes: set[int] = field(default_factory=set)  # scales whose index files are damaged: rebuilt
     reference: bool = False  # the reference pyramid is damaged, and the source image is there
     latents: set[int] = field(default_factory=set)  # latent levels to encode again
+    structure: bool = False  # an analogy's structure pyramid is damaged, and its image is there
 
     @property
     def ok(self) -> bool:
@@ -133,10 +134,11 @@ def file_checksums(folder: Path) -> dict[str, str]:
             for path in sorted(p for p in folder.rglob("*") if p.is_file())}
 
 
-def source_available(manifest: dict) -> Path | None:
+def source_available(manifest: dict, key: str = "source_file") -> Path | None:
     """The job's source image when it is still there, unchanged (its recorded CRC-32C): the
-    reference pyramid can be read from it again."""
-    source = manifest.get("source_file")
+    reference pyramid can be read from it again (``key="structure_file"``: an analogy's
+    structure image, for its pyramid)."""
+    source = manifest.get(key)
     if not isinstance(source, dict) or not isinstance(source.get("path"), str):
         return None
     path = Path(source["path"])
@@ -170,6 +172,16 @@ def _check_inputs(reader: _Reader, manifest: dict) -> None:
     if len(report.damaged) > found:  # read again from the source image, if it is still there
         if source_available(manifest) is not None:
             report.reference = True
+        else:
+            report.fatal.extend(report.damaged[found:])
+    found = len(report.damaged)
+    if "structure_shapes" in manifest:  # an analogy's layout image and the coarsest scale made of it
+        for scale in range(len(manifest["structure_shapes"])):
+            reader.chunks(f"structure/{scale}")
+        reader.chunks("structure/given")
+    if len(report.damaged) > found:
+        if source_available(manifest, "structure_file") is not None:
+            report.structure = True
         else:
             report.fatal.extend(report.damaged[found:])
     codec_damage = len(report.damaged)
