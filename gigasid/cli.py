@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--structure", type=Path, metavar="CONTENT",
                      help="--pipeline analogy: the image whose layout the output takes, drawn with INPUT's "
                      "patches (default size: its own, scaled by output_scale; another aspect ratio is refused)")
+    gen.add_argument("--mask", type=Path, metavar="MASK",
+                     help="--pipeline inpaint: an image of the input's size, white where it is regenerated")
+    gen.add_argument("--place", help="--pipeline outpaint: where the input sits on the --size canvas: center "
+                     "(default), left, right, top, bottom or X,Y (its top-left pixel); --set place=...")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first sample, 0 <= N < 2^63")
     gen.add_argument("--samples", type=int, default=1, help="samples per input (seeds seed, seed+1, ...)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -182,11 +186,13 @@ def generate_command(args: argparse.Namespace) -> None:
     if args.tile is not None and args.tile < 1:
         raise InputError(f"--tile must be a positive number of pixels, got {args.tile}")
     size = parse_size(args.size) if args.size else None
-    config = load_pipeline(args.pipeline, args.overrides + ([f"device={args.device}"] if args.device else []))
+    sugar = ([f"device={args.device}"] if args.device else []) + ([f"place={args.place}"] if args.place else [])
+    config = load_pipeline(args.pipeline, args.overrides + sugar)
     from gigasid.core.device import resolve_device
 
     resolve_device(config.device)  # cuda on a machine without one: refused before any work
     structure_shape = _check_structure(args, config)
+    args.hole = _read_mask(args, config)
     if args.export and args.output.suffix != ".zarr":
         raise InputError(
             f"--export exports a job store: write the job to one (-o JOB.zarr --export {args.export[0]}), "
@@ -199,8 +205,8 @@ def generate_command(args: argparse.Namespace) -> None:
 
         for path in args.export:  # a bad export path fails now, not after the job
             check_export(path)
-            _refuse_overwrites([args.input, *_structure(args)], exporter_for(path).outputs(path))
-        _refuse_overwrites([args.input, *_structure(args)], [args.output])
+            _refuse_overwrites([args.input, *_structure(args), *_mask(args)], exporter_for(path).outputs(path))
+        _refuse_overwrites([args.input, *_structure(args), *_mask(args)], [args.output])
         _generate_store(args, config, size)
         for path in args.export:
             _export(args.output, path)
@@ -211,8 +217,12 @@ def generate_command(args: argparse.Namespace) -> None:
         raise InputError("--structure takes one input image (the style), not a folder")
     planned = _outputs_for(inputs, args.output, args.samples, folder_input)
     _refuse_overwrites(_structure(args), [path for outputs in planned for path in outputs])
+    _refuse_overwrites(_mask(args), [path for outputs in planned for path in outputs])
+    if folder_input and args.mask is not None:
+        raise InputError("--mask belongs to one input image (it must have its size), not to a folder")
 
     from gigasid import jobs
+    from gigasid import plan as job_plan
     from gigasid.io.images import image_shape
 
     sizes = []
@@ -222,6 +232,8 @@ def generate_command(args: argparse.Namespace) -> None:
             out_size = jobs.structure_size(structure_shape, size, config)
         else:
             out_size = size or jobs.default_size(height, width, config)
+        if job_plan.known_kind(config) is not None:  # outpaint's canvas, inpaint's reference size
+            out_size = job_plan.known_size(config, (height, width), size)
         tiled = args.tile is not None or out_size[0] * out_size[1] > TILED_ABOVE_PIXELS
         limits.check_in_memory(path, (height, width, channels), out_size, config, tiled=tiled, force=args.force)
         for out_path in outputs:
@@ -240,13 +252,34 @@ def generate_command(args: argparse.Namespace) -> None:
             for offset, out_path in enumerate(outputs):
                 _tiled_to_image(args, config, out_size, image, args.seed + offset, out_path, path, structure)
             continue
-        job = jobs.prepare(image, config, size=size, structure=structure)
+        job = jobs.prepare(image, config, size=size, structure=structure, mask=args.hole)
         for offset, out_path in enumerate(outputs):
             started = time.perf_counter()
             result = jobs.run(job, seed=args.seed + offset)
             total = time.perf_counter() - started
             write_image(out_path, jobs.to_pixels(result.image).transpose(1, 2, 0))
             _print_table(path, out_path, job, result, total, args.seed + offset)
+
+
+def _mask(args) -> list[Path]:
+    return [] if args.mask is None else [args.mask]
+
+
+def _read_mask(args, config):
+    """inpaint's mask as bool (H, W), True where it is white (grey >= 0.5: regenerate); refused
+    when the application takes none, or when it is not an image."""
+    from gigasid.plan import check_mask_given
+
+    check_mask_given(config, args.mask is not None)
+    if args.mask is None:
+        return None
+    from gigasid.io.images import read_image
+
+    try:
+        pixels = read_image(args.mask)
+    except InputError as error:
+        raise InputError(f"--mask {args.mask}: {error}") from None
+    return pixels.mean(axis=2) >= 0.5
 
 
 def _structure(args) -> list[Path]:
@@ -306,7 +339,7 @@ def _generate_store(args, config, size) -> None:
     limits.check_job_store(args.input, image_shape(args.input), config, force=args.force)
     store = engine.create_job(
         args.output, args.input, config, size=size, seed=args.seed, tile=args.tile or default_tile(config),
-        source=str(args.input), force=args.force, profile=profile, structure=args.structure,
+        source=str(args.input), force=args.force, profile=profile, structure=args.structure, mask=args.hole,
     )
     print(f"{args.input} -> {args.output} (pipeline: {config.application}, seed {args.seed})")
     _run_store(store, args.scheduler)
@@ -328,7 +361,7 @@ def _tiled_to_image(args, config, size, image, seed, out_path, source, structure
         store = engine.create_job(
             Path(scratch) / "job.zarr", image, config, size=size, seed=seed,
             tile=args.tile or default_tile(config), source=str(source), force=args.force, profile=profile,
-            structure=structure,
+            structure=structure, mask=args.hole,
         )
         print(f"{source} -> {out_path} (pipeline: {config.application}, seed {seed}, tiled)")
         _run_store(store, args.scheduler, resumable=False)

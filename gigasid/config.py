@@ -93,9 +93,12 @@ class LatentConfig:
 class JobConfig:
     """One generation job. Defaults are the paper's pixel-space settings."""
 
-    #: uncond, retarget (coarsest scale = resized input), symmetric, tileable or analogy (coarsest
-    #: scale = the --structure image's layout, finer scales from the input's patches)
-    application: Literal["uncond", "retarget", "symmetric", "tileable", "analogy"] = "uncond"
+    #: uncond, retarget (coarsest scale = resized input), symmetric, tileable, analogy (coarsest
+    #: scale = the --structure image's layout, finer scales from the input's patches), outpaint
+    #: (the input placed on a larger canvas, the rest generated) or inpaint (--mask regenerated)
+    application: Literal[
+        "uncond", "retarget", "symmetric", "tileable", "analogy", "outpaint", "inpaint"
+    ] = "uncond"
     #: flow_linear (paper default) or ve_edm
     noise_schedule: Literal["flow_linear", "ve_edm"] = "flow_linear"
     #: denoiser calls per scale (T)
@@ -115,10 +118,16 @@ class JobConfig:
     output_scale: tuple[float, float] = (1.0, 1.0)
     #: mirror axis of the symmetric application
     symmetry: Literal["horizontal", "vertical", "both"] = "horizontal"
+    #: which edges of the output meet with no seam: horizontal (left and right: a 360° panorama),
+    #: vertical (top and bottom) or both (the tileable application); none = the application's own
+    wrap: Literal["none", "horizontal", "vertical", "both"] = "none"
     #: analogy: how far the structure's coarsest level is DDIM-inverted (with its own patches)
     #: before the input's denoiser brings it back (paper's code: 0.5), as the fraction of noise
     #: σ/(α+σ) to stop at; 0 keeps the structure's own values (its colours), 1 inverts fully
     structure_noise: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    #: outpaint: where the reference sits on the canvas: center, left, right, top, bottom, or
+    #: "x,y", its top-left corner in pixels (--place); latent jobs round it to the codec's cells
+    place: str = "center"
     #: where the denoisers run: cpu (the numba kernels), cuda (their torch twins on the GPU, with
     #: a FAISS GPU index where faiss has one; refused where torch sees no CUDA device) or auto
     #: (cuda where torch sees one, else cpu); see ``core.device``
@@ -133,6 +142,13 @@ class JobConfig:
                 f"min_short_side={self.min_short_side} is smaller than patch_size={self.patch_size}: "
                 "the coarsest scale must hold at least one patch"
             )
+        if self.application == "tileable" and self.wrap not in ("none", "both"):
+            raise ConfigError(
+                f"wrap={self.wrap} with application=tileable: tileable wraps both axes; use application=uncond "
+                f"(or retarget) with wrap={self.wrap}"
+            )
+        if self.wrap != "none" and self.application == "symmetric":
+            raise ConfigError("wrap with application=symmetric is not supported: a mirror image does not wrap")
         if self.latent.codec != "pixel" and self.application == "symmetric":
             raise ConfigError("the symmetric application runs in pixel space: set latent.codec=pixel")
         if self.latent.codec == "vae" and not self.latent.vae_path:

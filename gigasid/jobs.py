@@ -74,6 +74,8 @@ class PreparedJob:
     size: tuple[int, int] | None = None  # the pixel output (H, W)
     pixel_shapes: list[tuple[int, int]] = field(default_factory=list)
     image_channels: int = 3
+    #: outpaint, inpaint: (``plan.KnownRegion``, the reference's levels, the inpainting hole or None)
+    known: tuple | None = None
 
     def plan(self, seed: int) -> job_plan.JobPlan:
         """The job plan of one sample: one whole-image tile per scale."""
@@ -93,15 +95,23 @@ def prepare(
     *,
     size: tuple[int, int] | None = None,
     structure: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> PreparedJob:
     """Build the reference pyramid (and its latents), the output shapes and one denoiser per scale.
 
     ``image`` is (C, H, W) in [-1, 1]; ``size`` the pixel output (H, W), default the input scaled
     by ``config.output_scale``. ``structure``: the layout image of an analogy, (C', H', W') in
-    [-1, 1] (then the default size is its own, scaled; ``plan.structure_size``).
+    [-1, 1] (then the default size is its own, scaled; ``plan.structure_size``). ``mask``: inpaint's
+    region to regenerate, bool (H, W) (True = regenerate).
     """
     job_plan.check_structure(config, structure is not None)
+    job_plan.check_mask_given(config, mask is not None)
     channels, height, width = image.shape
+    if mask is not None:
+        job_plan.check_mask(np.asarray(mask), (height, width))
+        mask = torch.as_tensor(np.asarray(mask, dtype=bool))
+    if job_plan.known_kind(config) is not None:
+        size = job_plan.known_size(config, (height, width), size)
     if structure is not None:
         size = job_plan.structure_size(tuple(structure.shape[1:]), size, config)
     pixel_levels = reference_pyramid(image, config)
@@ -114,11 +124,14 @@ def prepare(
     if size is None:
         size = default_size(height, width, config)
     out_shapes = output_shapes(pixel_shapes, size, config)
-    periodic = job_plan.application(config).periodic
+    periodic = job_plan.wraps(config)
+    region = job_plan.known_region(config, (height, width), size, ref_shapes, out_shapes)
+    holes = None if mask is None else job_plan.known_holes(config, mask, pixel_shapes)
     denoisers, setup = [], []
-    for level in levels:
+    for scale, level in enumerate(levels):
         started = time.perf_counter()
-        denoisers.append(scale_denoiser(level, config, periodic=periodic))
+        excluded = None if holes is None else holes[scale]  # inpaint: the hole is not copied from itself
+        denoisers.append(scale_denoiser(level, config, periodic=periodic, excluded=excluded))
         setup.append(time.perf_counter() - started)
     fixed = None
     if structure is not None:  # analogy: the structure's pyramid down to the output's coarsest grid
@@ -127,11 +140,12 @@ def prepare(
         layout = job_plan.structure_pyramid(job_plan.match_channels(structure, channels), shapes)[-1]
         fixed = job_plan.structure_coarsest(layout, codec, denoisers[-1], config)
     elif job_plan.application(config).given_coarsest:
-        fixed = job_plan.given_coarsest(levels[-1], out_shapes[-1])
+        fixed = job_plan.given_coarsest(levels[-1], out_shapes[-1], job_plan.wraps(config))
     sampled_channels = channels if codec is None else codec.channels
     return PreparedJob(
         config, ref_shapes, out_shapes, sampled_channels, denoisers, fixed, setup, codec,
         image if codec is not None else None, tuple(size), pixel_shapes, channels,
+        known=None if region is None else (region, levels, mask),
     )
 
 
@@ -142,6 +156,7 @@ def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
     pixels = None if job.pixel_reference is None else job.pixel_reference.numpy()
     store = engine.run_in_memory(
         job.plan(seed), job.denoisers, codec=job.codec, pixel_reference=pixels, given_coarsest=job.fixed_coarsest,
+        known=job.known,
     )
     timings = store.manifest["timings"]
     result = SampleResult(

@@ -68,11 +68,22 @@ register_application(Application("uncond"))
 register_application(Application("retarget", given_coarsest=True))
 register_application(Application("symmetric", mirrored=True, pixel_only=True))
 register_application(Application("tileable", periodic=True))
+register_application(Application("outpaint", known_region="placed"))
+register_application(Application("inpaint", known_region="masked"))
 register_application(Application("analogy", given_coarsest=True, structure=True))
 
 
 def application(config: JobConfig) -> Application:
     return APPLICATIONS[config.application]
+
+
+def wraps(config: JobConfig) -> tuple[bool, bool]:
+    """(rows, columns): which axes of the output wrap around (periodic denoisers, resampling and
+    decoding along them). ``config.wrap``, else the application's own (tileable: both)."""
+    if config.wrap == "none":
+        periodic = application(config).periodic
+        return periodic, periodic
+    return config.wrap in ("vertical", "both"), config.wrap in ("horizontal", "both")
 
 
 def symmetry(config: JobConfig) -> str:
@@ -121,7 +132,14 @@ def reference_pyramid(image: torch.Tensor, config: JobConfig) -> list[torch.Tens
 
 
 def default_size(height: int, width: int, config: JobConfig) -> tuple[int, int]:
-    return (max(1, round(height * config.output_scale[0])), max(1, round(width * config.output_scale[1])))
+    """The output size when none is asked for: the input scaled by ``output_scale``; a latent
+    output's wrapping axes rounded up to whole cells (a wrap joins whole cells)."""
+    size = [max(1, round(height * config.output_scale[0])), max(1, round(width * config.output_scale[1]))]
+    factor = codec_factor(config)
+    for axis, wrapped in enumerate(wraps(config)):
+        if wrapped and factor > 1:
+            size[axis] = -(-size[axis] // factor) * factor
+    return size[0], size[1]
 
 
 def output_shapes(
@@ -130,10 +148,12 @@ def output_shapes(
     """The output's sampling grids from the reference's pixel pyramid and the pixel output size;
     refuses a size whose coarsest scale cannot hold a patch."""
     factor = codec_factor(config)
-    if factor > 1 and application(config).periodic and (size[0] % factor or size[1] % factor):
+    wrap_rows, wrap_cols = wraps(config)
+    if factor > 1 and ((wrap_rows and size[0] % factor) or (wrap_cols and size[1] % factor)):
+        want = [-(-side // factor) * factor if wrapped else side for side, wrapped in zip(size, (wrap_rows, wrap_cols))]
         raise InputError(
-            f"a tileable latent output must be a multiple of {factor} px a side to wrap exactly; "
-            f"ask for {-(-size[0] // factor) * factor}x{-(-size[1] // factor) * factor} instead of {size[0]}x{size[1]}"
+            f"a latent output that wraps must be a multiple of {factor} px along its wrapping axes to wrap "
+            f"exactly; ask for {want[0]}x{want[1]} instead of {size[0]}x{size[1]}"
         )
     shapes = [latent_shape(h, w, factor) for h, w in output_pyramid_shapes(pixel_shapes, *size)]
     patch = config.patch_size
@@ -147,9 +167,30 @@ def output_shapes(
     return shapes
 
 
-def given_coarsest(level: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """retarget's coarsest scale: the reference's coarsest level resized to the output's."""
-    return resample(level, shape)
+def given_coarsest(
+    level: torch.Tensor, shape: tuple[int, int], wrap: tuple[bool, bool] = (False, False)
+) -> torch.Tensor:
+    """retarget's coarsest scale: the reference's coarsest level resized to the output's. Along a
+    wrapping axis (``wrap``: rows, columns) the resized layout is made to wrap too (:func:`seamless`):
+    its two ends are the reference's, which do not meet, and every finer scale takes its low band
+    from this one."""
+    return seamless(resample(level, shape), wrap)
+
+
+def seamless(values: torch.Tensor, wrap: tuple[bool, bool]) -> torch.Tensor:
+    """(C, H, W) values with a linear ramp added along each wrapping axis, per line, so that the
+    step across the wrap is the ramp's own small step: the jump between the two ends is spread
+    evenly over the axis instead of standing at the join."""
+    for axis, wrapped in zip((-2, -1), wrap):
+        if not wrapped:
+            continue
+        length = values.shape[axis]
+        first, last = values.narrow(axis, 0, 1), values.narrow(axis, length - 1, 1)
+        shape = [1, 1, 1]
+        shape[axis] = length
+        ramp = (torch.arange(length, dtype=values.dtype) / length).reshape(shape)
+        values = values + ramp * (first - last)
+    return values
 
 
 # --- the structure image (analogy) -------------------------------------------------------------
@@ -294,7 +335,7 @@ def encode_level(codec: Codec, level: torch.Tensor) -> torch.Tensor:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None):
+def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None):
     size = config.patch_size
     if index_dir is not None and (index_dir / ReferenceCandidates._STATE).is_file():
         source = ReferenceCandidates.load(index_dir)
@@ -305,7 +346,7 @@ def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None)
             kind = auto_kind(int(np.prod(grid_shape(*level.shape[-2:], size))))
         source = ReferenceCandidates(
             level, size, k=index.k, index=kind, search_dims=index.search_dims, nlist=index.nlist,
-            nprobe=index.nprobe, coherence=index.coherence, search_stride=index.search_stride,
+            nprobe=index.nprobe, coherence=index.coherence, search_stride=index.search_stride, excluded=excluded,
         )
         if index_dir is not None:
             source.save(index_dir)
@@ -313,15 +354,20 @@ def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None)
 
 
 def _dense_backend(dense):
-    def build(level: torch.Tensor, config: JobConfig, index_dir: Path | None):
+    def build(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None):
         grid_h, _ = grid_shape(*level.shape[-2:], config.patch_size)
         dataset = unfold_rows(level.contiguous(), config.patch_size, 0, grid_h)
+        if excluded is not None:  # inpaint: the patches touching the hole are not candidates
+            from gigasid.core.known import allowed_patches
+
+            dataset = dataset[allowed_patches(excluded, config.patch_size).flatten()]
         return dense(dataset, compute_dtype=_DTYPES[config.denoiser.compute_dtype]), None
 
     return build
 
 
-#: denoiser backend name → builder(level, config, index_dir) → (patch denoiser, candidate source)
+#: denoiser backend name → builder(level, config, index_dir, excluded) → (patch denoiser, candidate
+#: source); ``excluded``: bool cells of the level whose patches are left out (inpaint's hole), or None
 DENOISER_BACKENDS: dict[str, Callable] = {
     "knn": _knn_backend,
     "exact": _dense_backend(ExactDenoiser),
@@ -330,11 +376,13 @@ DENOISER_BACKENDS: dict[str, Callable] = {
 
 
 def scale_denoiser(
-    level: torch.Tensor, config: JobConfig, *, periodic: bool, index_dir: Path | None = None
+    level: torch.Tensor, config: JobConfig, *, periodic: bool, index_dir: Path | None = None,
+    excluded: torch.Tensor | None = None,
 ) -> ImageDenoiser:
     """The image denoiser of one scale. With ``index_dir`` a knn index saved there is opened (and
-    one built here is saved there), so a job's workers share one index per scale."""
-    patch_denoiser, source = DENOISER_BACKENDS[config.denoiser.backend](level, config, index_dir)
+    one built here is saved there), so a job's workers share one index per scale. ``excluded``
+    (bool, the level's grid): the patches touching it are no candidates (inpaint's hole)."""
+    patch_denoiser, source = DENOISER_BACKENDS[config.denoiser.backend](level, config, index_dir, excluded)
     return ImageDenoiser(
         patch_denoiser, patch_size=config.patch_size, rho=config.rho, periodic=periodic, candidate_source=source,
         device=resolve_device(config.device),
@@ -370,7 +418,7 @@ def correspondence_decode(
     return fold_matches(
         reference, positions, weights, ref_grid_w=ref_grid[1] - config.patch_size + 1, factor=factor,
         patch_size=config.patch_size, rho=config.latent.decode_rho or config.rho, query_origin=query_origin, box=box,
-        out_shape=(out_grid[0] * factor, out_grid[1] * factor), periodic=application(config).periodic,
+        out_shape=(out_grid[0] * factor, out_grid[1] * factor), periodic=wraps(config),
         device=resolve_device(config.device),
     )
 
@@ -380,6 +428,195 @@ def to_pixels(image) -> np.ndarray:
     values = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     scaled = np.clip((np.asarray(values, dtype=np.float32) + 1.0) * 0.5, 0.0, 1.0) * 255.0
     return np.rint(scaled).astype(np.uint8)
+
+
+# --- known regions (outpaint, inpaint) ------------------------------------------------------
+
+PLACES = ("center", "left", "right", "top", "bottom")
+
+
+def known_kind(config: JobConfig) -> str | None:
+    """"placed" (outpaint), "masked" (inpaint) or None: the application's known region."""
+    return application(config).known_region
+
+
+def check_mask_given(config: JobConfig, given: bool) -> None:
+    """A mask is given exactly when the application regenerates a masked region."""
+    kind = known_kind(config)
+    if kind == "masked" and not given:
+        raise InputError(f"the {config.application} application needs --mask MASK.png (the reference's size, "
+                         "white = regenerate)")
+    if given and kind != "masked":
+        raise InputError(f"--mask is for --pipeline inpaint (white = regenerate); this pipeline's application "
+                         f"is {config.application}")
+
+
+def check_mask(hole: np.ndarray, reference: tuple[int, int]) -> None:
+    """An inpainting mask (bool (H, W), True = regenerate) fits the reference and leaves both
+    something to regenerate and something to copy from."""
+    if tuple(hole.shape) != tuple(reference):
+        raise InputError(f"the mask is {hole.shape[0]}x{hole.shape[1]} but the reference is "
+                         f"{reference[0]}x{reference[1]}: give a mask of the reference's size (white = regenerate)")
+    if not hole.any():
+        raise InputError("the mask has no white pixel: there is nothing to regenerate (white = regenerate)")
+    if hole.all():
+        raise InputError("the mask is white everywhere: nothing of the reference is left to copy patches from "
+                         "(white = regenerate, black = kept)")
+
+
+def known_size(config: JobConfig, reference: tuple[int, int], size: tuple[int, int] | None) -> tuple[int, int]:
+    """The output size of a job with a known region: outpaint's canvas (``size``, default the
+    reference scaled by ``output_scale``) must hold the reference; inpaint's is the reference."""
+    height, width = reference
+    if known_kind(config) == "masked":
+        if size is not None and tuple(size) != (height, width):
+            raise InputError(f"inpaint keeps the reference's size {height}x{width}; drop --size {size[0]}x{size[1]}")
+        return (height, width)
+    size = tuple(size) if size is not None else default_size(height, width, config)
+    if size[0] < height or size[1] < width:
+        raise InputError(f"outpaint grows the image: --size {size[0]}x{size[1]} is smaller than the {height}x{width} "
+                         f"reference; ask for at least {height}x{width} (e.g. {height}x{width * 3} for a panorama)")
+    if size == (height, width):
+        raise InputError(f"--size {size[0]}x{size[1]} is the reference's own size: there is nothing to outpaint; "
+                         "ask for a larger canvas")
+    return size
+
+
+def place_reference(config: JobConfig, reference: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """Outpaint: the reference's top-left corner (row, col) on the pixel canvas, from
+    ``config.place``; in a latent job rounded to the codec's cells (a multiple of 8 px), so the
+    reference's latents are the canvas's."""
+    (height, width), (canvas_h, canvas_w) = reference, size
+    spare_h, spare_w = canvas_h - height, canvas_w - width
+    named = {"center": (spare_h // 2, spare_w // 2), "left": (spare_h // 2, 0), "right": (spare_h // 2, spare_w),
+             "top": (0, spare_w // 2), "bottom": (spare_h, spare_w // 2)}
+    text = config.place.strip().lower()
+    if text in named:
+        row, col = named[text]
+    else:
+        parts = text.replace(" ", "").split(",")
+        if len(parts) != 2 or not all(part.lstrip("-").isdigit() for part in parts):
+            raise InputError(f"--place must be one of {', '.join(PLACES)} or X,Y (the reference's top-left "
+                             f"corner in pixels), got {config.place!r}")
+        col, row = int(parts[0]), int(parts[1])
+        if not (0 <= row <= spare_h and 0 <= col <= spare_w):
+            raise InputError(f"--place {col},{row} puts the {height}x{width} reference outside the "
+                             f"{canvas_h}x{canvas_w} canvas: X must be in 0..{spare_w} and Y in 0..{spare_h}")
+    factor = codec_factor(config)
+    if factor > 1:  # the nearest whole cell that keeps the reference on the canvas
+        row = min(round(row / factor) * factor, spare_h // factor * factor)
+        col = min(round(col / factor) * factor, spare_w // factor * factor)
+    return row, col
+
+
+@dataclass(frozen=True)
+class KnownRegion:
+    """Where an output's known values come from, scale by scale (``core.known``): the
+    reference's level of each scale (pixels or latents) at ``offsets[scale]`` of the output's
+    sampling grid; "masked" outputs are the reference's grid (offsets 0) less the hole."""
+
+    kind: str  # "placed" or "masked"
+    offset: tuple[int, int]  # the reference's top-left pixel on the canvas
+    pixel_shape: tuple[int, int]  # the reference's pixels (the output's known pixels, when placed)
+    offsets: tuple[tuple[int, int], ...]  # per scale, in sampling-grid cells
+
+    def manifest(self) -> dict:
+        return {"kind": self.kind, "offset": list(self.offset), "pixel_shape": list(self.pixel_shape),
+                "offsets": [list(o) for o in self.offsets]}
+
+    @classmethod
+    def from_manifest(cls, data: dict | None) -> KnownRegion | None:
+        if not data:
+            return None
+        return cls(data["kind"], tuple(data["offset"]), tuple(data["pixel_shape"]),
+                   tuple(tuple(o) for o in data["offsets"]))
+
+
+def known_region(
+    config: JobConfig, pixel_shape: tuple[int, int], size: tuple[int, int],
+    ref_shapes: list[tuple[int, int]], out_shapes: list[tuple[int, int]],
+) -> KnownRegion | None:
+    """The job's known region (None for applications without one). A placed reference's offset
+    on a coarser grid is the finest's scaled and rounded, kept on the canvas."""
+    kind = known_kind(config)
+    if kind is None:
+        return None
+    if kind == "masked":
+        return KnownRegion(kind, (0, 0), tuple(pixel_shape), tuple((0, 0) for _ in out_shapes))
+    factor = codec_factor(config)
+    row, col = place_reference(config, pixel_shape, size)
+    finest = (row // factor, col // factor)
+    offsets = []
+    for ref, out in zip(ref_shapes, out_shapes):
+        offsets.append(tuple(
+            max(0, min(int(np.floor(start * out[a] / out_shapes[0][a] + 0.5)), out[a] - ref[a]))
+            for a, start in enumerate(finest)
+        ))
+    return KnownRegion(kind, (row, col), tuple(pixel_shape), tuple(offsets))
+
+
+def known_holes(
+    config: JobConfig, hole: torch.Tensor, pixel_shapes: list[tuple[int, int]]
+) -> list[torch.Tensor]:
+    """An inpainting hole (bool, the finest pixel level) on every scale's sampling grid; refuses a
+    mask that leaves some scale no patch clear of it (nothing to copy the hole from)."""
+    from gigasid.core.known import allowed_patches, hole_pyramid, latent_hole
+
+    factor = codec_factor(config)
+    holes = hole_pyramid(hole, pixel_shapes)
+    if factor > 1:
+        holes = [latent_hole(level, factor) for level in holes]
+    for scale, level in enumerate(holes):
+        if not allowed_patches(level, config.patch_size).any():
+            raise InputError(
+                f"the mask leaves no {config.patch_size}x{config.patch_size} patch clear of it at scale {scale} "
+                f"({level.shape[0]}x{level.shape[1]}): nothing to fill it from; use a smaller mask, fewer scales "
+                "(--set num_scales=N) or a smaller patch_size"
+            )
+    return holes
+
+
+def known_box(
+    region: KnownRegion, scale: int, read_level, channels: int, box: Box, hole: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale ``scale``'s known values (C, h, w) and mask (1, h, w) uint8 (1 = known) over a box of
+    its output grid, from ``read_level(box)``: the reference's level (its sampling grid) over a box
+    of its own, and for a masked region the scale's ``hole``."""
+    r0, c0, r1, c1 = box
+    if region.kind == "masked":
+        return read_level(box), (~hole[r0:r1, c0:c1]).to(torch.uint8)[None]
+    top, left = region.offsets[scale]
+    values = torch.zeros((channels, r1 - r0, c1 - c0), dtype=torch.float32)
+    mask = torch.zeros((1, r1 - r0, c1 - c0), dtype=torch.uint8)
+    a0, b0 = max(r0, top), max(c0, left)
+    if r1 > a0 and c1 > b0:
+        level = read_level((a0 - top, b0 - left, r1 - top, c1 - left))  # clipped to the level
+        a1, b1 = a0 + level.shape[1], b0 + level.shape[2]
+        if a1 > a0 and b1 > b0:
+            values[:, a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = level
+            mask[:, a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = 1
+    return values, mask
+
+
+def paste_known(
+    pixels: torch.Tensor, box: Box, region: KnownRegion, reference_box, hole_box=None
+) -> torch.Tensor:
+    """A latent job's decoded output over ``box`` (C, h, w, model space) with the known pixels
+    pasted back: the codec and the correspondence decode are not lossless, and the known region
+    must come out as the reference. ``reference_box(box)`` reads the reference's pixels over a
+    box of its own; ``hole_box(box)`` the inpainting hole (bool) over a box."""
+    r0, c0, r1, c1 = box
+    if region.kind == "masked":
+        keep = ~hole_box(box)
+        return torch.where(keep[None], reference_box(box), pixels)
+    top, left = region.offset
+    height, width = region.pixel_shape
+    a0, b0, a1, b1 = max(r0, top), max(c0, left), min(r1, top + height), min(c1, left + width)
+    if a1 <= a0 or b1 <= b0:
+        return pixels
+    pixels = pixels.clone()
+    pixels[:, a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = reference_box((a0 - top, b0 - left, a1 - top, b1 - left))
+    return pixels
 
 
 # --- the typed manifest ----------------------------------------------------------------------
@@ -441,8 +678,9 @@ class JobPlan:
         return application(self.config)
 
     @property
-    def periodic(self) -> bool:
-        return self.application.periodic
+    def periodic(self) -> tuple[bool, bool]:
+        """(rows, columns) that wrap around."""
+        return wraps(self.config)
 
     @property
     def dataset(self) -> str:

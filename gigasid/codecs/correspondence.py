@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from gigasid.core.jit import numba  # None without numba: the slow path keeps the math
-from gigasid.core.patches import window_profile
+from gigasid.core.patches import periodic_axes, window_profile
 
 Box = tuple[int, int, int, int]
 
 
 def _fold_matches(reference, positions, weights, ref_grid_w, factor, window, query_r0, query_c0,
-                  box_r0, box_c0, out, coverage, out_h, out_w, periodic):
+                  box_r0, box_c0, out, coverage, out_h, out_w, wrap_rows, wrap_cols):
     """Add every query's weighted reference pixel patches into ``out`` (h, w·C) over the box.
 
     ``reference`` (Hr, Wr·C), padded so that every patch lies inside; ``positions``/``weights``
@@ -53,10 +53,10 @@ def _fold_matches(reference, positions, weights, ref_grid_w, factor, window, que
             dx = 0
             while dx < size:  # the patch's columns → runs of box columns
                 x = left + dx
-                if periodic:
+                if wrap_cols:
                     x = x % out_w
                 length = size - dx
-                if periodic:
+                if wrap_cols:
                     length = min(length, out_w - x)
                 start, stop = max(x, box_c0), min(x + length, box_c0 + box_w)
                 if stop > start:
@@ -69,7 +69,7 @@ def _fold_matches(reference, positions, weights, ref_grid_w, factor, window, que
                 continue
             for dy in range(size):
                 y = top + dy
-                if periodic:
+                if wrap_rows:
                     y = y % out_h
                 oy = y - box_r0
                 if oy < 0 or oy >= box_h:
@@ -111,7 +111,7 @@ _TORCH_BLOCK_VALUES = 1 << 24
 
 
 def _fold_matches_torch(reference, positions, weights, ref_grid_w, factor, window, query_r0, query_c0,
-                        box, out_h, out_w, periodic):
+                        box, out_h, out_w, wrap_rows, wrap_cols):
     """:func:`_fold_matches` for torch tensors on any device, vectorised over the queries.
 
     ``reference`` (Hr, Wr, C) float32, ``positions``/``weights`` (n_r, n_c, k), ``window`` (fP,)
@@ -127,7 +127,7 @@ def _fold_matches_torch(reference, positions, weights, ref_grid_w, factor, windo
     n_r, n_c, k = positions.shape
     offsets = torch.arange(size, device=device)
 
-    def targets(first: int, count: int, start: int, stop: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(first: int, count: int, start: int, stop: int, length: int, periodic: bool):
         # (count, fP) box rows (or cols) of every query's patch pixels, and which lie in the box
         where = factor * (first + torch.arange(count, device=device))[:, None] + offsets[None, :]
         if periodic:
@@ -135,8 +135,8 @@ def _fold_matches_torch(reference, positions, weights, ref_grid_w, factor, windo
         inside = (where >= start) & (where < stop)
         return (where - start).clamp(0, stop - start - 1), inside
 
-    rows, row_in = targets(query_r0, n_r, r0, r1, out_h)
-    cols, col_in = targets(query_c0, n_c, c0, c1, out_w)
+    rows, row_in = targets(query_r0, n_r, r0, r1, out_h, wrap_rows)
+    cols, col_in = targets(query_c0, n_c, c0, c1, out_w, wrap_cols)
     # coverage: every query's window, separable, over a product set of queries
     coverage = torch.zeros(box_h, box_w, dtype=torch.float64, device=device)
     row_cover = torch.zeros(box_h, dtype=torch.float64, device=device).index_add_(
@@ -208,7 +208,7 @@ def fold_matches(
     query_origin: tuple[int, int],
     box: Box,
     out_shape: tuple[int, int],
-    periodic: bool = False,
+    periodic: bool | tuple[bool, bool] = False,
     device: torch.device | str | None = None,
 ) -> np.ndarray:
     """The (C, h, w) pixels of ``box`` from the matches of the queries touching it.
@@ -216,11 +216,13 @@ def fold_matches(
     ``padded_reference`` is :func:`pad_reference` of the finest pixel level; ``positions``
     (n_r, n_c, k) int64 reference latent patch indices (row · ``ref_grid_w`` + col, −1 = none) of
     the queries starting at global latent patch ``query_origin``, ``weights`` their weights;
-    ``out_shape`` the pixel canvas (f × the latent grid) a periodic output wraps on. Pixels no
+    ``out_shape`` the pixel canvas (f × the latent grid) a periodic output wraps on (``periodic``:
+    both axes, or (rows, columns)). Pixels no
     query touches stay 0. ``device``: where the fold runs (None: the CPU); the numba loop on the
     CPU, the torch code elsewhere or without numba. The result is a CPU array either way.
     """
     r0, c0, r1, c1 = box
+    wrap_rows, wrap_cols = periodic_axes(periodic)
     device = torch.device(device if device is not None else "cpu")
     if numba is None or device.type != "cpu":
         out, coverage = _fold_matches_torch(
@@ -229,7 +231,7 @@ def fold_matches(
             torch.as_tensor(np.asarray(weights, dtype=np.float32), device=device),
             int(ref_grid_w), int(factor), window_profile(factor * patch_size, rho).to(device),
             int(query_origin[0]), int(query_origin[1]), (int(r0), int(c0), int(r1), int(c1)),
-            int(out_shape[0]), int(out_shape[1]), bool(periodic),
+            int(out_shape[0]), int(out_shape[1]), wrap_rows, wrap_cols,
         )
         out = out / coverage.clamp_min(1e-300)[:, :, None]
         return out.permute(2, 0, 1).to(torch.float32).cpu().numpy()
@@ -242,7 +244,7 @@ def fold_matches(
         np.ascontiguousarray(positions, dtype=np.int64),
         np.ascontiguousarray(weights, dtype=np.float32),
         int(ref_grid_w), int(factor), window, int(query_origin[0]), int(query_origin[1]),
-        int(r0), int(c0), out, coverage, int(out_shape[0]), int(out_shape[1]), bool(periodic),
+        int(r0), int(c0), out, coverage, int(out_shape[0]), int(out_shape[1]), wrap_rows, wrap_cols,
     )
     out = out.reshape(r1 - r0, c1 - c0, channels) / np.maximum(coverage, 1e-300)[:, :, None]
     return out.transpose(2, 0, 1).astype(np.float32)

@@ -23,6 +23,7 @@ from gigasid.core.patches import (
     fold_columns,
     grid_shape,
     patch_window,
+    periodic_axes,
     periodic_pad,
     unfold_rows,
     window_columns,
@@ -64,7 +65,7 @@ class ImageDenoiser:
         *,
         patch_size: int,
         rho: float,
-        periodic: bool = False,
+        periodic: bool | tuple[bool, bool] = False,  # both axes, or (rows, columns)
         candidate_source: CandidateSource | None = None,
         band_queries: int = 16384,
         device: torch.device | str = "cpu",
@@ -118,12 +119,12 @@ class ImageDenoiser:
         what :meth:`__call__` and :meth:`matches` both start from."""
         _, height, width = x_t.shape
         size = self.patch_size
-        periodic = self.periodic and origin is None
-        if not periodic and (height < size or width < size):
+        periodic = periodic_axes(self.periodic) if origin is None else (False, False)
+        if (not periodic[0] and height < size) or (not periodic[1] and width < size):
             raise ValueError(f"image {height}x{width} is smaller than the patch size {size}")
         source = x_t.to(torch.float32).contiguous()
-        if periodic:
-            source = periodic_pad(source, size)
+        if any(periodic):
+            source = periodic_pad(source, size, periodic)
         candidates = None
         if self.patch_denoiser.needs_candidates and alpha > 0.0:
             candidates = self.candidate_source(
@@ -153,7 +154,7 @@ class ImageDenoiser:
         caller = x_t.device
         x_t = x_t.to(self.device)
         _, height, width = x_t.shape
-        periodic = self.periodic and origin is None
+        periodic = periodic_axes(self.periodic) if origin is None else (False, False)
         window = self.window.to(device=x_t.device)
         source, (grid_h, grid_w), candidates = self._queries(x_t, alpha, step, origin, global_grid)
         # float64 canvas: each pixel's sum of patch contributions, and the periodic wrap, come
@@ -162,7 +163,7 @@ class ImageDenoiser:
         fold_image = getattr(self.patch_denoiser, "fold_image", None)
         if fold_image is None or not fold_image(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w):
             self._fold_bands(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w)
-        if periodic:
+        if any(periodic):
             canvas = wrap_periodic(canvas, height, width)
         canvas /= window_sum(height, width, window.double(), periodic=periodic)
         return canvas.to(torch.float32).to(caller)

@@ -38,11 +38,21 @@ def patch_window(patch_size: int, rho: float, *, dtype: torch.dtype = torch.floa
     return torch.outer(profile, profile).to(dtype)
 
 
-def grid_shape(height: int, width: int, patch_size: int, *, periodic: bool = False) -> tuple[int, int]:
-    """Shape of the grid of patch top-left corners for an image of (height, width)."""
-    if periodic:
-        return height, width
-    return height - patch_size + 1, width - patch_size + 1
+Periodic = bool | tuple[bool, bool]  # both axes, or (rows, columns): a 360° panorama wraps columns only
+
+
+def periodic_axes(periodic: Periodic) -> tuple[bool, bool]:
+    """(rows wrap, columns wrap) of a ``periodic`` setting given for both axes or per axis."""
+    if isinstance(periodic, tuple):
+        return bool(periodic[0]), bool(periodic[1])
+    return bool(periodic), bool(periodic)
+
+
+def grid_shape(height: int, width: int, patch_size: int, *, periodic: Periodic = False) -> tuple[int, int]:
+    """Shape of the grid of patch top-left corners for an image of (height, width): every pixel
+    starts a patch along a periodic axis, H - P + 1 along a plain one."""
+    rows, cols = periodic_axes(periodic)
+    return (height if rows else height - patch_size + 1), (width if cols else width - patch_size + 1)
 
 
 def _run_view(image: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -68,12 +78,14 @@ def unfold_rows(image: torch.Tensor, patch_size: int, row0: int, row1: int) -> t
     return view.reshape(-1, channels * patch_size * patch_size)
 
 
-def periodic_pad(image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Wrap the first P-1 rows and columns of a (C, H, W) image around to the bottom and right."""
+def periodic_pad(image: torch.Tensor, patch_size: int, periodic: Periodic = True) -> torch.Tensor:
+    """Wrap the first P-1 rows (columns) of a (C, H, W) image around to the bottom (right), along
+    the axes that are periodic."""
+    rows, cols = periodic_axes(periodic)
     extra = patch_size - 1
-    if extra == 0:
+    if extra == 0 or not (rows or cols):
         return image.contiguous()
-    return F.pad(image[None], (0, extra, 0, extra), mode="circular")[0].contiguous()
+    return F.pad(image[None], (0, extra if cols else 0, 0, extra if rows else 0), mode="circular")[0].contiguous()
 
 
 def gather_patches(image: torch.Tensor, positions: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -134,7 +146,7 @@ def wrap_periodic(canvas: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 
 def window_sum(
-    height: int, width: int, window: torch.Tensor, *, periodic: bool = False
+    height: int, width: int, window: torch.Tensor, *, periodic: Periodic = False
 ) -> torch.Tensor:
     """(H, W) sum of the fold window over every patch covering each pixel.
 
@@ -145,7 +157,7 @@ def window_sum(
     profile = window[patch_size // 2] / window[patch_size // 2, patch_size // 2]
     peak = window[patch_size // 2, patch_size // 2]
 
-    def axis_sum(length: int) -> torch.Tensor:
+    def axis_sum(length: int, periodic: bool) -> torch.Tensor:
         if periodic:
             return profile.sum().expand(length).clone()
         grid = length - patch_size + 1
@@ -154,4 +166,5 @@ def window_sum(
             total[d : d + grid] += profile[d]
         return total
 
-    return torch.outer(axis_sum(height), axis_sum(width)) * peak
+    rows, cols = periodic_axes(periodic)
+    return torch.outer(axis_sum(height, rows), axis_sum(width, cols)) * peak

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gigasid.core.jit import numba  # resample_axis's CPU fast path; torch is the reference and CUDA path
+from gigasid.core.patches import Periodic, periodic_axes
 
 CUBIC_SUPPORT = 2.0  # Keys' cubic is non-zero on (-2, 2)
 
@@ -219,10 +220,12 @@ def _resample_compiled(image: torch.Tensor, axis: int, local: torch.Tensor, weig
     return result
 
 
-def resample(image: torch.Tensor, shape: tuple[int, int], *, periodic: bool = False) -> torch.Tensor:
-    """Resample the last two axes of (..., H, W) to ``shape`` (rows first, then columns)."""
-    rows = resample_axis(image, image.dim() - 2, shape[0], periodic=periodic)
-    return resample_axis(rows, image.dim() - 1, shape[1], periodic=periodic)
+def resample(image: torch.Tensor, shape: tuple[int, int], *, periodic: Periodic = False) -> torch.Tensor:
+    """Resample the last two axes of (..., H, W) to ``shape`` (rows first, then columns); a
+    periodic axis wraps (``periodic``: both axes, or (rows, columns))."""
+    wrap_rows, wrap_cols = periodic_axes(periodic)
+    rows = resample_axis(image, image.dim() - 2, shape[0], periodic=wrap_rows)
+    return resample_axis(rows, image.dim() - 1, shape[1], periodic=wrap_cols)
 
 
 def half_shape(height: int, width: int) -> tuple[int, int]:
@@ -230,7 +233,7 @@ def half_shape(height: int, width: int) -> tuple[int, int]:
     return math.ceil(height / 2), math.ceil(width / 2)
 
 
-def laplacian_blend(fine: torch.Tensor, coarser: torch.Tensor, *, periodic: bool = False) -> torch.Tensor:
+def laplacian_blend(fine: torch.Tensor, coarser: torch.Tensor, *, periodic: Periodic = False) -> torch.Tensor:
     """Two-scale Laplacian blend: up(coarser) + (fine - up(down(fine))).
 
     Keeps the fine estimate's detail band and takes its low band from the finished coarser scale

@@ -132,8 +132,11 @@ def create_job(
     force: bool = False,
     profile: Profile | None = None,
     structure: torch.Tensor | str | Path | None = None,
+    mask: np.ndarray | torch.Tensor | None = None,
 ) -> JobStore:
     """Make the store of a new job: manifest, reference pyramid, indexes, buffers. Locked.
+
+    ``mask``: inpaint's region to regenerate, bool (H, W) the reference's size (True = regenerate).
 
     ``image`` is the reference: an image file (read in strips) or a (C, H, W) tensor in [-1, 1];
     ``structure`` the layout image of an analogy, likewise (its pyramid is kept in the store,
@@ -144,6 +147,7 @@ def create_job(
     from gigasid.io.images import image_shape
 
     job_plan.check_structure(config, structure is not None)
+    job_plan.check_mask_given(config, mask is not None)
     if config.denoiser.backend == "knn" and config.index.coherence != "none":
         raise InputError("tiled jobs need index.coherence: none (coherence reads the whole image)")
     if isinstance(image, torch.Tensor):
@@ -158,8 +162,17 @@ def create_job(
         size = job_plan.structure_size(layout, size, config)
         coarsest = job_plan.output_pyramid_shapes(pixel_shapes, *size)[-1]
         structure_shapes = job_plan.structure_shapes(*layout, coarsest)
+    hole = None
+    if mask is not None:
+        job_plan.check_mask(np.asarray(mask), (height, width))
+        hole = torch.as_tensor(np.asarray(mask, dtype=bool))
+    if job_plan.known_kind(config) is not None:
+        size = job_plan.known_size(config, (height, width), size)
     size = tuple(size or job_plan.default_size(height, width, config))
     out_shapes = job_plan.output_shapes(pixel_shapes, size, config)
+    region = job_plan.known_region(config, (height, width), size, ref_shapes, out_shapes)
+    if hole is not None:
+        job_plan.known_holes(config, hole, pixel_shapes)  # a mask that leaves nothing to copy: refused now
     factor = job_plan.codec_factor(config)
     reach = job_halo(config, out_shapes)
     if tile <= reach:
@@ -193,6 +206,8 @@ def create_job(
         "status": "created",
         "timings": {},
     }
+    if region is not None:  # outpaint, inpaint: the known values and mask per scale, ``known/<s>``
+        manifest["known"] = region.manifest()
     # built under a temporary name and renamed when complete: a kill during creation leaves no
     # half-made store at ``path`` (the next generate removes the leftover)
     path = Path(path)
@@ -217,7 +232,7 @@ def create_job(
     try:
         store = JobStore.create(building, manifest)
         store.acquire_lock()
-        return _build_job(store, building, path, image, config, manifest, structure)
+        return _build_job(store, building, path, image, config, manifest, structure, hole=hole)
     except BaseException as error:
         # a half-built store is of no use: remove it now rather than leave it filling the disk
         # (a kill, which runs no handler, leaves it for the next generate to remove)
@@ -229,7 +244,8 @@ def create_job(
 
 
 def _build_job(
-    store: JobStore, building: Path, path: Path, image, config: JobConfig, manifest: dict, structure=None
+    store: JobStore, building: Path, path: Path, image, config: JobConfig, manifest: dict, structure=None,
+    *, hole: torch.Tensor | None = None,
 ) -> JobStore:
     """Fill a new job store created at ``building`` and rename it to ``path``."""
     ref_shapes = manifest["reference_shapes"]
@@ -246,6 +262,10 @@ def _build_job(
         channels = _encode_reference(store, config, pixel_shapes, image_channels)
         setup["codec fit + encode"] = time.perf_counter() - started
     store.update_manifest(channels=channels, image_channels=image_channels)
+    if "known" in manifest:  # before the indexes: inpaint's leave out the hole's patches
+        started = time.perf_counter()
+        write_known(store, JobPlan.from_manifest(store.manifest), _read_dataset(store), hole)
+        setup["known region"] = time.perf_counter() - started
     if config.denoiser.backend == "knn":  # built once here, opened by path in every worker
         started = time.perf_counter()
         for scale in range(len(ref_shapes)):
@@ -294,13 +314,53 @@ def create_buffers(store: JobStore, plan: JobPlan, *, output_dtype: str) -> None
     store.create_array("output_done", grid, grid, "uint8")
 
 
+def _read_dataset(store: JobStore):
+    """read(scale, box): the stored reference level (pixels or latents) of a scale over a box."""
+    dataset = store.manifest["dataset"]
+
+    def read(scale: int, box: Box) -> torch.Tensor:
+        return torch.from_numpy(store.array(f"{dataset}/{scale}")[:, box[0] : box[2], box[1] : box[3]])
+
+    return read
+
+
+def write_known(store: JobStore, plan: JobPlan, read_level, hole: torch.Tensor | None = None) -> None:
+    """An output's known region (outpaint, inpaint; ``core.known``), written once at creation
+    and read by the tile steps over their cores like x_t: per scale ``known/<s>/values`` (the
+    reference's level placed on the output grid) and ``known/<s>/mask`` (uint8, 1 = held), chunked
+    like the tiles; an inpainting mask also as ``known/hole`` (the finest pixels, 1 = regenerate),
+    from which :func:`repair` writes the rest again. ``read_level(scale, box)`` reads the
+    reference's level of a scale; ``hole`` is None to read ``known/hole`` back from the store."""
+    region = job_plan.KnownRegion.from_manifest(store.manifest.get("known"))
+    holes = None
+    if region.kind == "masked":
+        height, width = plan.pixel_reference_shapes[0]
+        if hole is None:
+            hole = torch.from_numpy(store.array("known/hole")[...] > 0)
+        else:
+            stored = store.create_array("known/hole", (height, width), (min(256, height), width), "uint8")
+            stored[...] = hole.numpy().astype(np.uint8)
+        holes = job_plan.known_holes(plan.config, hole, list(plan.pixel_reference_shapes))
+    channels = plan.channels
+    for scale, (height, width) in enumerate(plan.output_shapes):
+        tile = (min(plan.tile, height), min(plan.tile, width))
+        values = store.create_array(f"known/{scale}/values", (channels, height, width), (channels, *tile), "float32")
+        mask = store.create_array(f"known/{scale}/mask", (1, height, width), (1, *tile), "uint8")
+        for _, box in tile_boxes((height, width), plan.tile):
+            known, held = job_plan.known_box(
+                region, scale, partial(read_level, scale), channels, box, None if holes is None else holes[scale]
+            )
+            values[:, box[0] : box[2], box[1] : box[3]] = known.numpy()
+            mask[:, box[0] : box[2], box[1] : box[3]] = held.numpy()
+
+
 def _build_index(store: JobStore, config: JobConfig, scale: int) -> None:
     """Build scale ``scale``'s candidate index from the stored reference into ``index/<scale>``,
     beside a memory-mappable copy of the level its workers read."""
     dataset = store.manifest["dataset"]
     level = torch.from_numpy(store.array(f"{dataset}/{scale}")[...])
-    job_plan.scale_denoiser(level, config, periodic=job_plan.application(config).periodic,
-                            index_dir=store.index_dir(scale))
+    job_plan.scale_denoiser(level, config, periodic=job_plan.wraps(config),
+                            index_dir=store.index_dir(scale), excluded=tasks.excluded_cells(store, scale))
     store.write_level_copy(dataset, scale)
 
 
@@ -337,7 +397,9 @@ def _write_given_coarsest(store: JobStore) -> None:
         values = torch.from_numpy(store.array("structure/given")[...])
     else:
         level = torch.from_numpy(store.array(f"{manifest['dataset']}/{len(manifest['reference_shapes']) - 1}")[...])
-        values = job_plan.given_coarsest(level, tuple(manifest["output_shapes"][-1]))
+        values = job_plan.given_coarsest(
+            level, tuple(manifest["output_shapes"][-1]), job_plan.wraps(JobPlan.from_manifest(manifest).config)
+        )
     store.array(f"scales/{coarsest}/final")[...] = values.numpy()
 
 
@@ -348,14 +410,21 @@ def run_in_memory(
     codec=None,
     pixel_reference: np.ndarray | None = None,
     given_coarsest: torch.Tensor | None = None,
+    known: tuple | None = None,
 ) -> JobStore:
     """Run a job whose denoisers are built, in this process, on a store held in memory: one
     whole-image tile per scale and the synchronous executor. The same tasks as any store job;
-    the output is float32 in [-1, 1] (``output``), beside every finished scale."""
+    the output is float32 in [-1, 1] (``output``), beside every finished scale. ``known``: an
+    output's known region, (``plan.KnownRegion``, the reference's levels, the inpainting hole)."""
     manifest = {**plan.manifest(), "version": __version__, "scales_done": [], "output_done": False,
                 "status": "created", "timings": {}}
+    if known is not None:
+        manifest["known"] = known[0].manifest()
     store = JobStore.in_memory(manifest)
     create_buffers(store, plan, output_dtype="float32")
+    if known is not None:
+        levels = known[1]
+        write_known(store, plan, lambda s, b: levels[s][:, b[0] : b[2], b[1] : b[3]], known[2])
     if given_coarsest is not None:
         coarsest = len(plan.output_shapes) - 1
         store.array(f"scales/{coarsest}/final")[...] = given_coarsest.numpy()
@@ -761,6 +830,9 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
         pixel_shapes = [tuple(s) for s in manifest["pixel_reference_shapes"]]
         _write_latents(store, from_state(store.load_codec_state()), pixel_shapes, sorted(report.latents))
         log(f"latents: encoded level(s) {', '.join(map(str, sorted(report.latents)))} again")
+    if report.known:  # from the (now intact) reference levels and the stored inpainting mask
+        write_known(store, JobPlan.from_manifest(store.manifest), _read_dataset(store))
+        log("known region: written again from the reference")
     if report.indexes:
         store.update_manifest(index_checksums=_rebuild_indexes(store, sorted(report.indexes), log))
     scales_done = list(manifest["scales_done"])

@@ -111,7 +111,8 @@ def _build_stepper(path: str, scale: int) -> ScaleStepper:
     else:
         store = open_store(path)
         level = torch.from_numpy(store.mapped_level(plan.dataset, scale))
-        denoiser = job_plan.scale_denoiser(level, config, periodic=plan.periodic, index_dir=store.index_dir(scale))
+        denoiser = job_plan.scale_denoiser(level, config, periodic=plan.periodic, index_dir=store.index_dir(scale),
+                                           excluded=excluded_cells(store, scale))
     shapes = plan.output_shapes
     alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
     return ScaleStepper(
@@ -130,6 +131,15 @@ def _build_stepper(path: str, scale: int) -> ScaleStepper:
     )
 
 
+def excluded_cells(store: JobStore, scale: int) -> torch.Tensor | None:
+    """Inpaint: the hole on a scale's grid (the reference's, which is the output's), whose patches
+    are no candidates; None for every other job."""
+    known = store.manifest.get("known")
+    if not known or known["kind"] != "masked":
+        return None
+    return torch.from_numpy(store.array(f"known/{scale}/mask")[0] == 0)
+
+
 def run_tile(path: str, scale: int, stage: int, box: Box) -> TileResult:
     """Compute one tile of one stage and write its chunk."""
     store = open_store(path)
@@ -137,9 +147,10 @@ def run_tile(path: str, scale: int, stage: int, box: Box) -> TileResult:
     num_steps = stepper.num_steps
     read, write = stage_buffers(scale, stage, num_steps)
     r0, c0, r1, c1 = box
+    known = _known(path, store, scale, box)
     started = time.perf_counter()
     if stage == 0:
-        values = stepper.initial(box)
+        values = stepper.initial(box, known)
     else:
         t = num_steps - stage + 1
         source = store.array(read)
@@ -150,12 +161,26 @@ def run_tile(path: str, scale: int, stage: int, box: Box) -> TileResult:
             coarser = store.array(f"scales/{scale + 1}/final")
             coarse = torch.from_numpy(read_box(coarser, coarse_box, periodic=stepper.periodic))
         started = time.perf_counter()
-        values = stepper.step(box, t, x_reads[0], coarse, x_reads[1:])
+        values = stepper.step(box, t, x_reads[0], coarse, x_reads[1:], known)
         if t == 1 and scale == 0 and store.has("scales/0/matches"):
             _write_matches(store, stepper, box, x_reads[0])
     computing = time.perf_counter() - started
     store.array(write)[:, r0:r1, c0:c1] = values.numpy()
     return TileResult(scale, stage, box, computing)
+
+
+def known_region(path: str) -> job_plan.KnownRegion | None:
+    """The job's known region (outpaint, inpaint), read once per worker."""
+    return _cached(("known", path), lambda: job_plan.KnownRegion.from_manifest(open_store(path).manifest.get("known")))
+
+
+def _known(path: str, store: JobStore, scale: int, box: Box):
+    """The known values and mask over a core (outpaint, inpaint), or None."""
+    if known_region(path) is None:
+        return None
+    r0, c0, r1, c1 = box
+    values = torch.from_numpy(store.array(f"known/{scale}/values")[:, r0:r1, c0:c1])
+    return values, torch.from_numpy(store.array(f"known/{scale}/mask")[:, r0:r1, c0:c1])
 
 
 def _write_matches(store: JobStore, stepper: ScaleStepper, box: Box, x_read: torch.Tensor) -> None:
@@ -185,6 +210,13 @@ def write_output_tile(path: str, box: Box) -> TileResult:
         pixels = decode_box(
             codec, lambda b: torch.from_numpy(final[:, b[0] : b[2], b[1] : b[3]]), final.shape[1:], box
         ).numpy()
+    region = known_region(path)
+    if region is not None and plan.factor > 1:  # the codec is not lossless: the known pixels pasted back
+        pixels = job_plan.paste_known(
+            torch.as_tensor(np.asarray(pixels, dtype=np.float32)), box, region,
+            lambda b: torch.from_numpy(np.asarray(_reference_pixels(path, b), dtype=np.float32)),
+            lambda b: torch.from_numpy(store.array("known/hole")[b[0] : b[2], b[1] : b[3]] > 0),
+        ).numpy()
     output = store.array("output")
     output[:, r0:r1, c0:c1] = pixels if output.dtype == np.float32 else job_plan.to_pixels(pixels)
     return TileResult(-1, -1, box, 0.0)
@@ -209,14 +241,23 @@ def _finest_reference(path: str, factor: int) -> np.ndarray:
     return _cached(("reference", path), build)
 
 
+def _reference_pixels(path: str, box: Box) -> np.ndarray:
+    """The reference's finest pixels over a box (model space)."""
+    memory = _MEMORY.get(path)
+    if memory is not None:
+        return memory.pixel_reference[:, box[0] : box[2], box[1] : box[3]]
+    return open_store(path).array("reference/0")[:, box[0] : box[2], box[1] : box[3]]
+
+
 def _correspondence_tile(path: str, store: JobStore, plan: JobPlan, box: Box) -> np.ndarray:
     config, factor, periodic = plan.config, plan.factor, plan.periodic
     matches, weights = store.array("scales/0/matches"), store.array("scales/0/weights")
     grid_h, grid_w = matches.shape[:2]
-    q_r0, q_r1 = query_span((box[0], box[2]), factor, config.patch_size, grid_h, periodic=periodic)
-    q_c0, q_c1 = query_span((box[1], box[3]), factor, config.patch_size, grid_w, periodic=periodic)
-    if periodic:
-        rows, cols = np.arange(q_r0, q_r1) % grid_h, np.arange(q_c0, q_c1) % grid_w
+    q_r0, q_r1 = query_span((box[0], box[2]), factor, config.patch_size, grid_h, periodic=periodic[0])
+    q_c0, q_c1 = query_span((box[1], box[3]), factor, config.patch_size, grid_w, periodic=periodic[1])
+    if any(periodic):
+        rows = np.arange(q_r0, q_r1) % grid_h if periodic[0] else slice(q_r0, q_r1)
+        cols = np.arange(q_c0, q_c1) % grid_w if periodic[1] else slice(q_c0, q_c1)
         positions, found = matches.oindex[rows, cols], weights.oindex[rows, cols]
     else:
         positions, found = matches[q_r0:q_r1, q_c0:q_c1], weights[q_r0:q_r1, q_c0:q_c1]

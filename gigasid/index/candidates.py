@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from gigasid.core.jit import numba
-from gigasid.core.patches import grid_shape, unfold_rows
+from gigasid.core.patches import grid_shape, periodic_axes, periodic_pad, unfold_rows
 from gigasid.index.search import IndexKind, build_index, load_index
 
 
@@ -171,6 +171,7 @@ class ReferenceCandidates:
         coherence: str = "none",
         search_stride: int = 1,
         seed: int = 0,
+        excluded: torch.Tensor | None = None,
     ):
         if coherence not in ("none", "neighbours", "previous", "both"):
             raise ValueError(f"coherence must be none, neighbours, previous or both, got {coherence!r}")
@@ -187,13 +188,22 @@ class ReferenceCandidates:
             self.features = None
             vectors = self._raw_rows(reference)
         self.vectors = vectors.contiguous()
+        # inpaint: the patches touching ``excluded`` (bool over the reference's cells) are left out
+        # of the index; its row ids map back to grid positions through ``ids``
+        self.allowed = self.ids = None
+        if excluded is not None:
+            from gigasid.core.known import allowed_patches
+
+            self.allowed = allowed_patches(excluded, patch_size).flatten()
+            self.ids = torch.nonzero(self.allowed).flatten()
+            vectors = self.vectors[self.ids]
         # 2·√N lists: a search costs ~nlist (the coarse quantizer) + nprobe·N/nlist (the lists),
         # balanced at √(nprobe·N), i.e. 2·√N for the default nprobe 4. Measured at 186x248
         # (40 248 patches, nprobe 4): recall@5 0.950 vs 0.932 with 4·√N, same search time, half
         # the training time
-        nlist = nlist or 2 * max(1, int(self.vectors.shape[0] ** 0.5))
+        nlist = nlist or 2 * max(1, int(vectors.shape[0] ** 0.5))
         options = {} if index == "exact" else {"nlist": nlist, "nprobe": nprobe, "seed": seed}
-        self.index = build_index(self.vectors, index, **options)
+        self.index = build_index(vectors.contiguous(), index, **options)
         self.kind, self.nprobe = index, nprobe
         self._previous: tuple[int, torch.Tensor] | None = None  # (step, candidates)
         self.device = torch.device("cpu")
@@ -214,7 +224,7 @@ class ReferenceCandidates:
         # would be ~600 MB per worker)
         state = {"patch_size": self.patch_size, "k": self.k, "coherence": self.coherence,
                  "search_stride": self.search_stride, "ref_grid": self.ref_grid, "features": features,
-                 "kind": self.kind, "nprobe": self.nprobe}
+                 "kind": self.kind, "nprobe": self.nprobe, "ids": self.ids}
         torch.save(state, directory / self._STATE)
         self.index.save(str(directory / self._INDEX))
 
@@ -234,6 +244,11 @@ class ReferenceCandidates:
             for name, value in state["features"].items():
                 setattr(self.features, name, value)
         self.index = load_index(str(directory / cls._INDEX), self.kind, nprobe=self.nprobe)
+        self.ids = state.get("ids")
+        self.allowed = None
+        if self.ids is not None:
+            self.allowed = torch.zeros(self.ref_grid[0] * self.ref_grid[1], dtype=torch.bool)
+            self.allowed[self.ids] = True
         self._previous = None
         self.device = torch.device("cpu")
         return self
@@ -248,6 +263,8 @@ class ReferenceCandidates:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.index = self.index.to(device)
+        if self.ids is not None:
+            self.ids, self.allowed = self.ids.to(device), self.allowed.to(device)
         if self.vectors is not None and self.coherence != "none":  # only the coherence pools read them
             self.vectors = self.vectors.to(device)
         self._previous = None
@@ -275,7 +292,7 @@ class ReferenceCandidates:
         x_t: torch.Tensor,
         alpha: float,
         *,
-        periodic: bool,
+        periodic: bool | tuple[bool, bool],
         step: int | None = None,
         origin: tuple[int, int] = (0, 0),
         global_grid: tuple[int, int] | None = None,
@@ -288,16 +305,16 @@ class ReferenceCandidates:
         finds exactly what the whole image finds.
         """
         scaled = x_t.to(device=self.device, dtype=torch.float32) / alpha
-        if periodic and not crop:
-            size = self.patch_size - 1
-            scaled = F.pad(scaled[None], (0, size, 0, size), mode="circular")[0]
-        grid = grid_shape(*x_t.shape[1:], self.patch_size, periodic=periodic and not crop)
+        periodic = periodic_axes(periodic)
+        if any(periodic) and not crop:
+            scaled = periodic_pad(scaled, self.patch_size, periodic)
+        grid = grid_shape(*x_t.shape[1:], self.patch_size, periodic=(False, False) if crop else periodic)
         if self.search_stride > 1:
             queries = None
             found = self._strided_search(scaled, grid, origin, global_grid, periodic)
         else:
             queries = self.query_vectors(scaled)
-            found = self.index.search(queries, self.k)
+            found = self._search(queries)
         if self.coherence == "none":
             return found
         if crop:
@@ -323,7 +340,7 @@ class ReferenceCandidates:
         grid: tuple[int, int],
         origin: tuple[int, int],
         global_grid: tuple[int, int] | None,
-        periodic: bool,
+        periodic: tuple[bool, bool],
     ) -> torch.Tensor:
         """Search every ``search_stride``-th query of each axis (by global position); the others
         take the candidates of the searched query at the top-left of their cell, shifted by their
@@ -333,7 +350,7 @@ class ReferenceCandidates:
         global_grid = global_grid or grid
         ref_h, ref_w = self.ref_grid
 
-        def axis(length: int, start: int, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def axis(length: int, start: int, total: int, periodic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             local = torch.arange(length)
             position = local + start
             if periodic:
@@ -346,11 +363,11 @@ class ReferenceCandidates:
             picked, slot = torch.unique(searched, return_inverse=True)
             return picked, slot, offset
 
-        rows, row_slot, d_row = axis(grid_h, origin[0], global_grid[0])
-        cols, col_slot, d_col = axis(grid_w, origin[1], global_grid[1])
+        rows, row_slot, d_row = axis(grid_h, origin[0], global_grid[0], periodic[0])
+        cols, col_slot, d_col = axis(grid_w, origin[1], global_grid[1], periodic[1])
         sub = self.query_vectors(image, rows, cols)  # only the searched patches are projected
-        found = self.index.search(sub, self.k).view(len(rows), len(cols), -1)
-        if _spread_matches is not None and found.device.type == "cpu":
+        found = self._search(sub).view(len(rows), len(cols), -1)
+        if _spread_matches is not None and found.device.type == "cpu" and self.allowed is None:
             # the same as below in one compiled pass (~6 ms a step at 186x248)
             out = np.empty((grid_h * grid_w, found.shape[2]), dtype=np.int64)
             _spread_matches(found.contiguous().numpy(), row_slot.numpy(), col_slot.numpy(), d_row.numpy(),
@@ -362,11 +379,22 @@ class ReferenceCandidates:
         ref_row = spread // ref_w + d_row[:, None, None]
         ref_col = spread % ref_w + d_col[None, :, None]
         inside = (spread >= 0) & (ref_row < ref_h) & (ref_col < ref_w)
+        if self.allowed is not None:  # a shift onto a left-out patch keeps the searched match too
+            shifted_id = (ref_row * ref_w + ref_col).clamp(0, ref_h * ref_w - 1)
+            inside &= self.allowed[shifted_id]
         # a shift that leaves the reference keeps the searched match itself (still a close patch)
         shifted = torch.where(inside, ref_row * ref_w + ref_col, spread)
         return _drop_duplicates(shifted.view(grid_h * grid_w, -1))
 
-    def _propagated(self, found: torch.Tensor, grid: tuple[int, int], periodic: bool) -> list[torch.Tensor]:
+    def _search(self, queries: torch.Tensor) -> torch.Tensor:
+        """The index's k nearest, as reference grid positions (-1: none)."""
+        found = self.index.search(queries, self.k)
+        if self.ids is None:
+            return found
+        ids = self.ids.to(found.device)
+        return torch.where(found >= 0, ids[found.clamp_min(0)], torch.full_like(found, -1))
+
+    def _propagated(self, found: torch.Tensor, grid: tuple[int, int], periodic: tuple[bool, bool]) -> list[torch.Tensor]:
         """Neighbours' candidates shifted by one pixel toward this query (-1 where invalid)."""
         grid_h, grid_w = grid
         ref_h, ref_w = self.ref_grid
@@ -380,11 +408,13 @@ class ReferenceCandidates:
             ok = valid & (new_row >= 0) & (new_row < ref_h) & (new_col >= 0) & (new_col < ref_w)
             moved = torch.where(ok, new_row * ref_w + new_col, torch.full_like(cand, -1))
             moved = torch.roll(moved, shifts=(d_row, d_col), dims=(0, 1))
-            if not periodic:  # rolled-in rows/cols came from the opposite edge: no neighbour there
+            # rolled-in rows/cols came from the opposite edge: no neighbour there unless it wraps
+            if not periodic[0]:
                 if d_row == 1:
                     moved[0] = -1
                 elif d_row == -1:
                     moved[-1] = -1
+            if not periodic[1]:
                 if d_col == 1:
                     moved[:, 0] = -1
                 elif d_col == -1:
@@ -398,6 +428,8 @@ class ReferenceCandidates:
         duplicate = torch.zeros_like(pool, dtype=torch.bool)
         duplicate[:, 1:] = pool[:, 1:] == pool[:, :-1]
         invalid = duplicate | (pool < 0)
+        if self.allowed is not None:  # propagated candidates may land on left-out patches
+            invalid |= ~self.allowed[pool.clamp_min(0)]
         vecs = self.vectors[pool.clamp_min(0)]  # (M, pool, d)
         dist = (vecs - queries[:, None, :]).pow(2).sum(-1).masked_fill(invalid, float("inf"))
         order = dist.topk(self.k, dim=1, largest=False).indices

@@ -433,14 +433,16 @@ def exists_error(path: Path) -> InputError:
     return InputError(f"{path} already exists and is a {kind}, not a gigasid job store; choose another name or remove it")
 
 
-def read_box(array: zarr.Array, box: tuple[int, int, int, int], *, periodic: bool) -> np.ndarray:
-    """(C, …) values of a (C, H, W) array over a half-open box that may wrap on a periodic image."""
+def read_box(array: zarr.Array, box: tuple[int, int, int, int], *, periodic: bool | tuple[bool, bool]) -> np.ndarray:
+    """(C, …) values of a (C, H, W) array over a half-open box that may wrap around the periodic
+    axes of the image (``periodic``: both, or (rows, columns))."""
     r0, c0, r1, c1 = box
     _, height, width = array.shape
-    if not periodic:
+    wrap_rows, wrap_cols = (periodic, periodic) if isinstance(periodic, bool) else periodic
+    if not (wrap_rows or wrap_cols):
         return array[:, r0:r1, c0:c1]
-    rows = np.arange(r0, r1) % height
-    cols = np.arange(c0, c1) % width
+    rows = np.arange(r0, r1) % height if wrap_rows else slice(r0, r1)
+    cols = np.arange(c0, c1) % width if wrap_cols else slice(c0, c1)
     return array.oindex[:, rows, cols]
 
 

@@ -9,6 +9,8 @@ is missing or corrupt in terms the driver can act on:
   fitted codec (every chunk: any recomputation reads them; a damaged codec is not repairable),
   and the index files (their CRC-32C recorded in the manifest when they were built), which are
   rebuilt from the reference;
+* an outpaint or inpaint job's known values and mask per scale (written again from the reference
+  and the stored inpainting mask, ``known/hole``, which is not repairable);
 * per scale, the chunks the next stage relies on: the buffer the stage in progress writes (its
   done tiles), the buffer it reads (every tile: the previous stage's values), ``final`` of a
   finished scale (and then the buffer of its last step, needed to recompute a final tile), the last
@@ -62,6 +64,7 @@ class CheckReport:
     reference: bool = False  # the reference pyramid is damaged, and the source image is there
     latents: set[int] = field(default_factory=set)  # latent levels to encode again
     structure: bool = False  # an analogy's structure pyramid is damaged, and its image is there
+    known: bool = False  # an outpaint/inpaint job's per-scale known values or mask: written again
 
     @property
     def ok(self) -> bool:
@@ -191,6 +194,14 @@ def _check_inputs(reader: _Reader, manifest: dict) -> None:
         for scale in range(len(manifest["reference_shapes"])):
             if reader.chunks(f"latent/{scale}", fatal=len(report.damaged) > codec_damage):
                 report.latents.add(scale)  # encoded again with the stored codec
+    if manifest.get("known"):  # outpaint, inpaint: what the tile steps hold, written at creation
+        if manifest["known"]["kind"] == "masked":  # the user's mask: nothing to write it again from
+            reader.chunks("known/hole", fatal=True)
+        found = len(report.damaged)
+        for scale in range(len(manifest["output_shapes"])):
+            reader.chunks(f"known/{scale}/values")
+            reader.chunks(f"known/{scale}/mask")
+        report.known = len(report.damaged) > found
     for scale, sums in manifest.get("index_checksums", {}).items():
         folder = store.index_dir(int(scale))
         files = file_checksums(folder) if folder.is_dir() else {}

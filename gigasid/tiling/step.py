@@ -12,7 +12,9 @@ core from them (:meth:`ScaleStepper.step`). The order of operations, value for v
 3. ε̂ from that estimate, before any blend (paper Eq. 5 uses the denoiser's output);
 4. on every scale but the coarsest and every step but the last, the Laplacian blend with the
    finished coarser scale;
-5. the Eq. 5 update, with fresh noise (η > 0) keyed by (seed, scale, step, global position).
+5. the Eq. 5 update, with fresh noise (η > 0) keyed by (seed, scale, step, global position);
+6. an output with a known region (outpaint, inpaint; ``core.known``): its known cells replaced by
+   the known values noised to the new level (:meth:`ScaleStepper.hold`), x_T's included.
 
 A core covering the whole image is stepped as a whole image: the denoiser sees the image itself
 (periodic wrap done inside it, whole-image candidate search, so index coherence works) and the
@@ -33,12 +35,13 @@ import torch
 from gigasid.core.image_denoiser import ImageDenoiser
 from gigasid.core.noise import gaussian_noise
 from gigasid.core.noise_schedule import epsilon_from_x_hat, step
-from gigasid.core.patches import grid_shape
+from gigasid.core.patches import Periodic, grid_shape, periodic_axes
 from gigasid.core.pyramid import half_shape, laplacian_blend, resample_axis, resample_taps
 from gigasid.tiling.geometry import AxisPlan, plan_axis, read_range
 
 Box = tuple[int, int, int, int]  # half-open (row0, col0, row1, col1)
 Symmetry = Literal["none", "horizontal", "vertical", "both"]
+Known = tuple[torch.Tensor, torch.Tensor]  # known values (C, h, w) and uint8 mask (1, h, w) over a core
 # the mirror images a symmetric estimate averages with: (flip rows, flip columns)
 _MIRRORS = {"none": (), "horizontal": ((False, True),), "vertical": ((True, False),),
             "both": ((False, True), (True, False), (True, True))}
@@ -77,13 +80,18 @@ class ScaleStepper:
     seed: int
     scale: int
     channels: int
-    periodic: bool
+    periodic: Periodic  # both axes, or (rows, columns)
     search_stride: int = 1
     symmetry: Symmetry = "none"
 
     @property
     def patch_size(self) -> int:
         return self.denoiser.patch_size
+
+    @property
+    def wraps(self) -> tuple[bool, bool]:
+        """(rows, columns): which axes wrap around."""
+        return periodic_axes(self.periodic)
 
     @property
     def num_steps(self) -> int:
@@ -106,10 +114,11 @@ class ScaleStepper:
                 AxisPlan((c0, c1), (c0, c1), (c0, c1), None if coarse is None else (0, coarse[1])),
             )
         coarse = self.coarser_shape if blends else (None, None)
-        options = {"patch_size": self.patch_size, "search_stride": self.search_stride, "periodic": self.periodic}
+        options = {"patch_size": self.patch_size, "search_stride": self.search_stride}
+        wrap_rows, wrap_cols = self.wraps
         return TilePlan(
-            plan_axis((r0, r1), self.shape[0], coarse_length=coarse[0], **options),
-            plan_axis((c0, c1), self.shape[1], coarse_length=coarse[1], **options),
+            plan_axis((r0, r1), self.shape[0], coarse_length=coarse[0], periodic=wrap_rows, **options),
+            plan_axis((c0, c1), self.shape[1], coarse_length=coarse[1], periodic=wrap_cols, **options),
         )
 
     def reads(self, core: Box, t: int) -> list[Box]:
@@ -123,9 +132,46 @@ class ScaleStepper:
                 boxes.append(box)
         return boxes
 
-    def initial(self, core: Box) -> torch.Tensor:
-        """x_T on the core: sigma_max times noise keyed by (seed, scale, step 0, position)."""
-        return float(self.sigmas[-1]) * gaussian_noise(self.seed, self.scale, 0, self.channels, core)
+    def initial(self, core: Box, known: Known | None = None) -> torch.Tensor:
+        """x_T on the core: sigma_max times noise keyed by (seed, scale, step 0, position); the
+        known cells (``known``: values and uint8 mask over the core) held (:meth:`hold`)."""
+        noise = gaussian_noise(self.seed, self.scale, 0, self.channels, core)
+        x = float(self.sigmas[-1]) * noise
+        return x if known is None else self.hold(core, self.num_steps, x, known, start=noise)
+
+    def hold(
+        self, core: Box, index: int, x: torch.Tensor, known: Known, *, start: torch.Tensor | None = None,
+        fresh: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x at schedule index ``index`` with its known cells replaced by the known values noised
+        to that level, alpha·known + sigma·eps (diffusion inpainting's rule; ``core.known``).
+
+        eps is what the sampler's own Eq. 5 gives a cell whose estimate is exact: it starts as
+        x_T's noise z_0 and each step keeps sqrt(1 - eta²) of it and adds eta times the step's
+        fresh noise z_t, so eps = z_0 at eta = 0 (DDIM: the known cells' noise stays the one
+        the unknown cells started from) and eps = z_t at eta = 1. In between, sqrt(1 - eta²)·z_0
+        + eta·z_t has the right variance but not the exact recurrence's mix of earlier steps'
+        noise (a flagged departure: it needs two draws per step, not t). Every draw is keyed by
+        position, so a tile holds exactly what the whole image holds.
+        """
+        values, mask = known
+        keep = mask.to(torch.bool)
+        if not bool(keep.any()):
+            return x
+        alpha, sigma = float(self.alphas[index]), float(self.sigmas[index])
+        if sigma == 0.0:
+            held = alpha * values
+        else:
+            if (index == self.num_steps or self.eta < 1.0) and start is None:
+                start = gaussian_noise(self.seed, self.scale, 0, self.channels, core)
+            if index == self.num_steps or self.eta == 0.0:
+                eps = start
+            elif self.eta == 1.0:
+                eps = fresh
+            else:
+                eps = (1.0 - self.eta**2) ** 0.5 * start + self.eta * fresh
+            held = alpha * values + sigma * eps
+        return torch.where(keep, held, x)
 
     def step(
         self,
@@ -134,10 +180,24 @@ class ScaleStepper:
         x_read: torch.Tensor,
         coarse_read: torch.Tensor | None = None,
         mirrored: Sequence[torch.Tensor] = (),
+        known: Known | None = None,
     ) -> torch.Tensor:
         """x_{t-1} on ``core`` from x_t over ``reads(core, t)`` (``x_read`` the first box,
         ``mirrored`` the others) and the coarser scale over ``plan(core, t).coarse_box`` when the
-        step blends."""
+        step blends; the known cells of an output with a known region held (:meth:`hold`;
+        ``known`` is its values and mask over the core). A core that is all known is not
+        denoised: what the sampler would give there is replaced anyway."""
+        sigma_to = float(self.sigmas[t - 1])
+        fresh = None
+        if self.eta > 0.0 and sigma_to > 0.0:
+            fresh = gaussian_noise(self.seed, self.scale, t, self.channels, core)
+        if known is not None and bool(known[1].all()):
+            return self.hold(core, t - 1, torch.zeros_like(known[0]), known, fresh=fresh)
+        x = self._sampled(core, t, x_read, coarse_read, mirrored, fresh)
+        return x if known is None else self.hold(core, t - 1, x, known, fresh=fresh)
+
+    def _sampled(self, core, t, x_read, coarse_read, mirrored, fresh) -> torch.Tensor:
+        """The sampler's x_{t-1} on ``core`` (see :meth:`step`)."""
         plan = self.plan(core, t)
         alpha, sigma = float(self.alphas[t]), float(self.sigmas[t])
         reads = dict(zip(self.reads(core, t), (x_read, *mirrored)))
@@ -154,9 +214,6 @@ class ScaleStepper:
             else:
                 x_hat_core = self._blend(plan, x_hat_est, x_hat_core, coarse_read)
         alpha_to, sigma_to = float(self.alphas[t - 1]), float(self.sigmas[t - 1])
-        fresh = None
-        if self.eta > 0.0 and sigma_to > 0.0:
-            fresh = gaussian_noise(self.seed, self.scale, t, self.channels, core)
         return step(x_hat_core, eps_hat, alpha_to=alpha_to, sigma_to=sigma_to, eta=self.eta, noise=fresh)
 
     def matches(self, core: Box, x_read: torch.Tensor) -> tuple[Box, torch.Tensor, torch.Tensor] | None:
@@ -226,9 +283,9 @@ class ScaleStepper:
         if self.whole(plan.read_box):
             return plan.read_box
         r0, c0, r1, c1 = self._mirror_box(plan.estimate_box, flips)
-        options = {"patch_size": self.patch_size, "search_stride": self.search_stride, "periodic": self.periodic}
-        rows = read_range((r0, r1), self.shape[0], **options)
-        cols = read_range((c0, c1), self.shape[1], **options)
+        options = {"patch_size": self.patch_size, "search_stride": self.search_stride}
+        rows = read_range((r0, r1), self.shape[0], periodic=self.wraps[0], **options)
+        cols = read_range((c0, c1), self.shape[1], periodic=self.wraps[1], **options)
         return (rows[0], cols[0], rows[1], cols[1])
 
     def _blend(self, plan: TilePlan, x_hat_est, x_hat_core, coarse_read) -> torch.Tensor:
@@ -237,23 +294,23 @@ class ScaleStepper:
         half_h, half_w = half_shape(height, width)
         core_rows, core_cols = plan.rows.core, plan.cols.core
         est_rows, est_cols = plan.rows.estimate, plan.cols.estimate
-        half_rows = _half_span(half_h, height, core_rows, self.periodic)
-        half_cols = _half_span(half_w, width, core_cols, self.periodic)
-        periodic = self.periodic
+        wrap_rows, wrap_cols = self.wraps
+        half_rows = _half_span(half_h, height, core_rows, wrap_rows)
+        half_cols = _half_span(half_w, width, core_cols, wrap_cols)
         # down: rows then columns (as ``resample``), only the half-level positions the up needs
-        low = resample_axis(x_hat_est, 1, half_h, periodic=periodic, in_len=height, src_start=est_rows[0],
+        low = resample_axis(x_hat_est, 1, half_h, periodic=wrap_rows, in_len=height, src_start=est_rows[0],
                             out_range=half_rows)
-        low = resample_axis(low, 2, half_w, periodic=periodic, in_len=width, src_start=est_cols[0],
+        low = resample_axis(low, 2, half_w, periodic=wrap_cols, in_len=width, src_start=est_cols[0],
                             out_range=half_cols)
         # up: rows then columns, onto the core
-        low = resample_axis(low, 1, height, periodic=periodic, in_len=half_h, src_start=half_rows[0],
+        low = resample_axis(low, 1, height, periodic=wrap_rows, in_len=half_h, src_start=half_rows[0],
                             out_range=core_rows)
-        low = resample_axis(low, 2, width, periodic=periodic, in_len=half_w, src_start=half_cols[0],
+        low = resample_axis(low, 2, width, periodic=wrap_cols, in_len=half_w, src_start=half_cols[0],
                             out_range=core_cols)
         coarse_h, coarse_w = self.coarser_shape
-        up = resample_axis(coarse_read, 1, height, periodic=periodic, in_len=coarse_h,
+        up = resample_axis(coarse_read, 1, height, periodic=wrap_rows, in_len=coarse_h,
                            src_start=plan.rows.coarse[0], out_range=core_rows)
-        up = resample_axis(up, 2, width, periodic=periodic, in_len=coarse_w,
+        up = resample_axis(up, 2, width, periodic=wrap_cols, in_len=coarse_w,
                            src_start=plan.cols.coarse[0], out_range=core_cols)
         return up + (x_hat_core - low)
 
@@ -268,12 +325,13 @@ def _half_span(half: int, length: int, core: tuple[int, int], periodic: bool) ->
     return int(taps.min()), int(taps.max()) + 1
 
 
-def take(image: torch.Tensor, box: Box, *, periodic: bool) -> torch.Tensor:
-    """The (C, …) values of a (C, H, W) image over a box; on a periodic image the box may wrap."""
+def take(image: torch.Tensor, box: Box, *, periodic: Periodic) -> torch.Tensor:
+    """The (C, …) values of a (C, H, W) image over a box, which may wrap around the periodic axes."""
     r0, c0, r1, c1 = box
     _, height, width = image.shape
-    if not periodic:
+    wrap_rows, wrap_cols = periodic_axes(periodic)
+    rows = torch.arange(r0, r1) % height if wrap_rows else torch.arange(r0, r1)
+    cols = torch.arange(c0, c1) % width if wrap_cols else torch.arange(c0, c1)
+    if not (wrap_rows or wrap_cols):
         return image[:, r0:r1, c0:c1]
-    rows = torch.arange(r0, r1) % height
-    cols = torch.arange(c0, c1) % width
     return image[:, rows][:, :, cols]

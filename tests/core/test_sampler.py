@@ -116,6 +116,18 @@ def test_tileable_output_wraps_without_seam(backend: str) -> None:
         assert min(plain) > 1.8, (seed, tiled, plain)
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("wrap", ["horizontal", "vertical"])
+def test_one_axis_wraps_and_the_other_does_not(backend: str, wrap: str) -> None:
+    """wrap: horizontal (a 360° panorama) joins the left and right edges only; vertical the top
+    and bottom only. The same bounds as the tileable test: the wrapping axis's seam < 1.5, the
+    other axis's > 1.8 (its edges are independent)."""
+    for seed in (0, 1):
+        columns, rows = seam_ratios(sample(backend, seed=seed, wrap=wrap))
+        joined, free = (columns, rows) if wrap == "horizontal" else (rows, columns)
+        assert joined < 1.5 and free > 1.8, (seed, columns, rows)
+
+
 def test_periodic_image_denoiser_is_roll_equivariant() -> None:
     image = texture(24, 28, seed=5)
     size = 5

@@ -296,7 +296,7 @@ def test_correspondence_kernel_is_its_plain_python_reading(periodic) -> None:
         out = np.zeros((18, 23 * 3))
         coverage = np.zeros((18, 23))
         kernel(padded.reshape(padded.shape[0], -1), positions, weights, ref_grid[1], FACTOR, window, -1, 2,
-               3, 5, out, coverage, latent[0] * FACTOR, latent[1] * FACTOR, periodic)
+               3, 5, out, coverage, latent[0] * FACTOR, latent[1] * FACTOR, periodic, periodic)
         results.append((out, coverage))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert results[0][1].any()

@@ -66,16 +66,17 @@ def rocket(height: int, width: int) -> torch.Tensor:
 
 def job_config(backend: str, application: str) -> JobConfig:
     _, settings = BACKENDS[backend]
-    application, _, symmetry = application.partition("-")  # "symmetric-both": both mirror axes
+    # "symmetric-both": both mirror axes; "uncond-horizontal": the left and right edges wrap (360°)
+    application, _, option = application.partition("-")
     data = {"application": application, "num_steps": 3, "num_scales": 3, "eta": 0.5, **settings}
-    if symmetry:
-        data["symmetry"] = symmetry
+    if option:
+        data["symmetry" if application == "symmetric" else "wrap"] = option
     return from_mapping(JobConfig, data)
 
 
 def job_size(backend: str, application: str) -> tuple[int, int] | None:
     (height, width), _ = BACKENDS[backend]
-    return (height, width * 3 // 2) if application == "retarget" else None
+    return (height, width * 3 // 2) if application.startswith("retarget") else None
 
 
 @functools.cache
@@ -117,7 +118,10 @@ def finals(store) -> list[np.ndarray]:
 # --- 1. tiled == in-memory -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("application", ["uncond", "retarget", "tileable", "symmetric", "symmetric-both"])
+@pytest.mark.parametrize(
+    "application",
+    ["uncond", "retarget", "tileable", "symmetric", "symmetric-both", "uncond-horizontal", "retarget-vertical"],
+)
 @pytest.mark.parametrize("backend", ["exact", "knn"])
 def test_tiled_run_equals_the_in_memory_sampler(tmp_path: Path, backend: str, application: str) -> None:
     """Bit for bit, every scale, for a tile just above the halo, one that divides nothing and one

@@ -63,6 +63,8 @@ CASES = {
     "uncond-texture": ("gigapixel", ["latent.texture_channel=true", "latent.decode_rho=0.1"], (200, 296)),
     "tileable-correspondence": ("texture", [], (192, 320)),
     "retarget-correspondence": ("panorama", [], (256, 600)),
+    # a 360° panorama: the columns wrap (latent grid, resampling and the correspondence decode)
+    "wrap-correspondence": ("panorama-360", [], (256, 600)),
 }
 
 
