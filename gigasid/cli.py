@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--structure", type=Path, metavar="CONTENT",
                      help="--pipeline analogy: the image whose layout the output takes, drawn with INPUT's "
                      "patches (default size: its own, scaled by output_scale; another aspect ratio is refused)")
+    gen.add_argument("--ref", type=Path, action="append", default=[], metavar="IMAGE",
+                     help="another reference image (repeatable): one patch set per scale drawn from INPUT and "
+                     "every --ref (the output's default size is INPUT's)")
     gen.add_argument("--mask", type=Path, metavar="MASK",
                      help="--pipeline inpaint: an image of the input's size, white where it is regenerated")
     gen.add_argument("--place", help="--pipeline outpaint: where the input sits on the --size canvas: center "
@@ -193,6 +196,7 @@ def generate_command(args: argparse.Namespace) -> None:
     resolve_device(config.device)  # cuda on a machine without one: refused before any work
     structure_shape = _check_structure(args, config)
     args.hole = _read_mask(args, config)
+    references = _read_references(args, config)
     if args.export and args.output.suffix != ".zarr":
         raise InputError(
             f"--export exports a job store: write the job to one (-o JOB.zarr --export {args.export[0]}), "
@@ -207,7 +211,8 @@ def generate_command(args: argparse.Namespace) -> None:
             check_export(path)
             _refuse_overwrites([args.input, *_structure(args), *_mask(args)], exporter_for(path).outputs(path))
         _refuse_overwrites([args.input, *_structure(args), *_mask(args)], [args.output])
-        _generate_store(args, config, size)
+        _refuse_overwrites(args.ref, [args.output])
+        _generate_store(args, config, size, references)
         for path in args.export:
             _export(args.output, path)
         return
@@ -218,6 +223,7 @@ def generate_command(args: argparse.Namespace) -> None:
     planned = _outputs_for(inputs, args.output, args.samples, folder_input)
     _refuse_overwrites(_structure(args), [path for outputs in planned for path in outputs])
     _refuse_overwrites(_mask(args), [path for outputs in planned for path in outputs])
+    _refuse_overwrites(args.ref, [path for outputs in planned for path in outputs])
     if folder_input and args.mask is not None:
         raise InputError("--mask belongs to one input image (it must have its size), not to a folder")
 
@@ -228,6 +234,9 @@ def generate_command(args: argparse.Namespace) -> None:
     sizes = []
     for path, outputs in zip(inputs, planned):  # every limit checked before the first image is computed
         height, width, channels = image_shape(path)
+        reference_shape = (height, width, channels)
+        if references is not None:  # the canvas of every reference is what is held and indexed
+            reference_shape = (*references[0].shape[1:], channels)
         if structure_shape is not None:  # an analogy: the structure's size, its aspect kept
             out_size = jobs.structure_size(structure_shape, size, config)
         else:
@@ -235,7 +244,7 @@ def generate_command(args: argparse.Namespace) -> None:
         if job_plan.known_kind(config) is not None:  # outpaint's canvas, inpaint's reference size
             out_size = job_plan.known_size(config, (height, width), size)
         tiled = args.tile is not None or out_size[0] * out_size[1] > TILED_ABOVE_PIXELS
-        limits.check_in_memory(path, (height, width, channels), out_size, config, tiled=tiled, force=args.force)
+        limits.check_in_memory(path, reference_shape, out_size, config, tiled=tiled, force=args.force)
         for out_path in outputs:
             limits.check_image_output(out_path, out_size, channels)
         sizes.append((out_size, tiled))
@@ -247,18 +256,50 @@ def generate_command(args: argparse.Namespace) -> None:
 
     structure = None if args.structure is None else model_space(args.structure)
     for path, outputs, (out_size, tiled) in zip(inputs, planned, sizes):
-        image = model_space(path)
+        image, excluded = (model_space(path), None) if references is None else references
         if tiled:
             for offset, out_path in enumerate(outputs):
-                _tiled_to_image(args, config, out_size, image, args.seed + offset, out_path, path, structure)
+                _tiled_to_image(args, config, out_size, image, args.seed + offset, out_path, path, structure, excluded)
             continue
-        job = jobs.prepare(image, config, size=size, structure=structure, mask=args.hole)
+        job = jobs.prepare(image, config, size=out_size if references is not None else size, structure=structure,
+                           mask=args.hole, excluded=excluded)
         for offset, out_path in enumerate(outputs):
             started = time.perf_counter()
             result = jobs.run(job, seed=args.seed + offset)
             total = time.perf_counter() - started
             write_image(out_path, jobs.to_pixels(result.image).transpose(1, 2, 0))
             _print_table(path, out_path, job, result, total, args.seed + offset)
+
+
+def _read_references(args, config):
+    """--ref: INPUT and every --ref on one canvas (``plan.reference_atlas``) as (canvas, the
+    pixels that are no reference), or None without --ref."""
+    if not args.ref:
+        return None
+    if args.input.is_dir():
+        raise InputError("--ref adds references to one input image, not to a folder")
+    from gigasid import plan as job_plan
+
+    if args.structure is not None or job_plan.known_kind(config) is not None or job_plan.application(config).structure:
+        raise InputError(
+            f"--ref gives several references to draw from; the {config.application} application takes one "
+            "(use uncond, retarget, tileable or a large preset)"
+        )
+    import torch
+
+    from gigasid.io.images import read_image
+    from gigasid.plan import reference_atlas
+
+    images = []
+    for path in [args.input, *args.ref]:
+        try:
+            pixels = read_image(path)
+        except InputError as error:
+            if path == args.input:
+                raise
+            raise InputError(f"--ref {path}: {error}") from None
+        images.append(torch.from_numpy(pixels).permute(2, 0, 1).contiguous() * 2.0 - 1.0)
+    return reference_atlas(images, config)
 
 
 def _mask(args) -> list[Path]:
@@ -329,23 +370,31 @@ def _run_store(store, scheduler: str, *, resumable: bool = True) -> None:
     print(f"done in {time.perf_counter() - started:.1f} s ({profile.kind})")
 
 
-def _generate_store(args, config, size) -> None:
-    """-o OUT.zarr: a resumable out-of-core job; the reference is read in strips."""
+def _generate_store(args, config, size, references=None) -> None:
+    """-o OUT.zarr: a resumable out-of-core job; the reference is read in strips (several
+    references: their canvas, in memory)."""
     from gigasid.graph import engine
     from gigasid.graph.profiles import load_profile
     from gigasid.io.images import image_shape
+    from gigasid.plan import default_size
 
     profile = load_profile(args.scheduler)  # a bad profile fails before any work
-    limits.check_job_store(args.input, image_shape(args.input), config, force=args.force)
+    image, excluded, shape = args.input, None, image_shape(args.input)
+    if references is not None:
+        image, excluded = references
+        size = size or default_size(*shape[:2], config)  # INPUT's, not the canvas's
+        shape = (*image.shape[1:], shape[2])
+    limits.check_job_store(args.input, shape, config, force=args.force)
     store = engine.create_job(
-        args.output, args.input, config, size=size, seed=args.seed, tile=args.tile or default_tile(config),
+        args.output, image, config, size=size, seed=args.seed, tile=args.tile or default_tile(config),
         source=str(args.input), force=args.force, profile=profile, structure=args.structure, mask=args.hole,
+        excluded=excluded,
     )
     print(f"{args.input} -> {args.output} (pipeline: {config.application}, seed {args.seed})")
     _run_store(store, args.scheduler)
 
 
-def _tiled_to_image(args, config, size, image, seed, out_path, source, structure=None) -> None:
+def _tiled_to_image(args, config, size, image, seed, out_path, source, structure=None, excluded=None) -> None:
     """An image output through the tiled engine: a temporary store beside the output."""
     import tempfile
 
@@ -361,7 +410,7 @@ def _tiled_to_image(args, config, size, image, seed, out_path, source, structure
         store = engine.create_job(
             Path(scratch) / "job.zarr", image, config, size=size, seed=seed,
             tile=args.tile or default_tile(config), source=str(source), force=args.force, profile=profile,
-            structure=structure, mask=args.hole,
+            structure=structure, mask=args.hole, excluded=excluded,
         )
         print(f"{source} -> {out_path} (pipeline: {config.application}, seed {seed}, tiled)")
         _run_store(store, args.scheduler, resumable=False)

@@ -96,13 +96,15 @@ def prepare(
     size: tuple[int, int] | None = None,
     structure: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    excluded: torch.Tensor | None = None,
 ) -> PreparedJob:
     """Build the reference pyramid (and its latents), the output shapes and one denoiser per scale.
 
     ``image`` is (C, H, W) in [-1, 1]; ``size`` the pixel output (H, W), default the input scaled
     by ``config.output_scale``. ``structure``: the layout image of an analogy, (C', H', W') in
     [-1, 1] (then the default size is its own, scaled; ``plan.structure_size``). ``mask``: inpaint's
-    region to regenerate, bool (H, W) (True = regenerate).
+    region to regenerate, bool (H, W) (True = regenerate). ``excluded``: pixels of ``image`` that
+    are no reference (several references on one canvas, ``plan.reference_atlas``), bool (H, W).
     """
     job_plan.check_structure(config, structure is not None)
     job_plan.check_mask_given(config, mask is not None)
@@ -127,6 +129,8 @@ def prepare(
     periodic = job_plan.wraps(config)
     region = job_plan.known_region(config, (height, width), size, ref_shapes, out_shapes)
     holes = None if mask is None else job_plan.known_holes(config, mask, pixel_shapes)
+    if excluded is not None:  # several references: the gaps between them are no patches
+        holes = job_plan.known_holes(config, torch.as_tensor(excluded, dtype=torch.bool), pixel_shapes)
     denoisers, setup = [], []
     for scale, level in enumerate(levels):
         started = time.perf_counter()

@@ -10,6 +10,7 @@ the front ends.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,37 @@ def structure_shapes(height: int, width: int, coarsest: tuple[int, int]) -> list
     if shapes[-1] != tuple(coarsest):
         shapes.append(tuple(coarsest))
     return shapes
+
+
+def reference_atlas(images: list[torch.Tensor], config: JobConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several references as one: side by side on one canvas, with a gap between them that no
+    patch and no resampling tap of any scale spans. Returns the (C, H, W) canvas and the pixels
+    that are not a reference's (bool (H, W): the gaps, and below a shorter image), whose patches
+    are left out of the candidates on every scale as an inpainting hole's are: a patch set per
+    scale drawn from every image and from nothing else. The first image sets the channels (grey
+    and colour are matched as an analogy's structure is)."""
+    channels = images[0].shape[0]
+    images = [match_channels(image, channels) for image in images]
+    height = max(image.shape[1] for image in images)
+    width = sum(image.shape[2] for image in images)
+    gap = 0
+    for _ in range(3):  # the gap changes the canvas, the canvas the pyramid: settles in one or two
+        shapes = pixel_reference_shapes(height, width + gap * (len(images) - 1), config)
+        shrink = max(height / shapes[-1][0], (width + gap * (len(images) - 1)) / shapes[-1][1])
+        # a coarsest-scale patch (latent cells are f px) plus the resampling taps on both sides
+        wanted = math.ceil((config.patch_size * codec_factor(config) + 8) * shrink)
+        if wanted <= gap:
+            break
+        gap = wanted
+    canvas = torch.zeros(channels, height, width + gap * (len(images) - 1))
+    outside = torch.ones(height, canvas.shape[2], dtype=torch.bool)
+    left = 0
+    for image in images:
+        h, w = image.shape[1:]
+        canvas[:, :h, left : left + w] = image
+        outside[:h, left : left + w] = False
+        left += w + gap
+    return canvas, outside
 
 
 def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:

@@ -133,8 +133,12 @@ def create_job(
     profile: Profile | None = None,
     structure: torch.Tensor | str | Path | None = None,
     mask: np.ndarray | torch.Tensor | None = None,
+    excluded: torch.Tensor | None = None,
 ) -> JobStore:
     """Make the store of a new job: manifest, reference pyramid, indexes, buffers. Locked.
+
+    ``excluded``: pixels of ``image`` that are no reference, bool (H, W) (several references on
+    one canvas: ``plan.reference_atlas``); their patches are no candidates (``excluded/<s>``).
 
     ``mask``: inpaint's region to regenerate, bool (H, W) the reference's size (True = regenerate).
 
@@ -168,6 +172,8 @@ def create_job(
         hole = torch.as_tensor(np.asarray(mask, dtype=bool))
     if job_plan.known_kind(config) is not None:
         size = job_plan.known_size(config, (height, width), size)
+    if excluded is not None and (hole is not None or job_plan.known_kind(config) is not None):
+        raise InputError("several references (--ref) cannot be combined with a known region (outpaint, inpaint)")
     size = tuple(size or job_plan.default_size(height, width, config))
     out_shapes = job_plan.output_shapes(pixel_shapes, size, config)
     region = job_plan.known_region(config, (height, width), size, ref_shapes, out_shapes)
@@ -198,6 +204,8 @@ def create_job(
         "halo": reach,
         # the application's coarsest scale is written at creation, not sampled (`gigasid check`)
         "given_coarsest": job_plan.application(config).given_coarsest,
+        # several references on one canvas: the cells of ``excluded/<s>`` are no candidates
+        "excluded_cells": excluded is not None,
         # analogy: the structure image's pixel pyramid (``structure/<level>``), its last level the
         # output's coarsest pixel grid; the given coarsest scale is rewritten from it (repair)
         **({"structure_shapes": [list(s) for s in structure_shapes]} if structure_shapes else {}),
@@ -232,7 +240,7 @@ def create_job(
     try:
         store = JobStore.create(building, manifest)
         store.acquire_lock()
-        return _build_job(store, building, path, image, config, manifest, structure, hole=hole)
+        return _build_job(store, building, path, image, config, manifest, structure, hole=hole, excluded=excluded)
     except BaseException as error:
         # a half-built store is of no use: remove it now rather than leave it filling the disk
         # (a kill, which runs no handler, leaves it for the next generate to remove)
@@ -245,7 +253,7 @@ def create_job(
 
 def _build_job(
     store: JobStore, building: Path, path: Path, image, config: JobConfig, manifest: dict, structure=None,
-    *, hole: torch.Tensor | None = None,
+    *, hole: torch.Tensor | None = None, excluded: torch.Tensor | None = None,
 ) -> JobStore:
     """Fill a new job store created at ``building`` and rename it to ``path``."""
     ref_shapes = manifest["reference_shapes"]
@@ -262,6 +270,10 @@ def _build_job(
         channels = _encode_reference(store, config, pixel_shapes, image_channels)
         setup["codec fit + encode"] = time.perf_counter() - started
     store.update_manifest(channels=channels, image_channels=image_channels)
+    if excluded is not None:  # before the indexes, which leave these cells' patches out
+        holes = job_plan.known_holes(config, torch.as_tensor(excluded, dtype=torch.bool), pixel_shapes)
+        for scale, cells in enumerate(holes):
+            store.create_array(f"excluded/{scale}", cells.shape, cells.shape, "uint8")[...] = cells.numpy()
     if "known" in manifest:  # before the indexes: inpaint's leave out the hole's patches
         started = time.perf_counter()
         write_known(store, JobPlan.from_manifest(store.manifest), _read_dataset(store), hole)

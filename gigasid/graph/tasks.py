@@ -132,9 +132,12 @@ def _build_stepper(path: str, scale: int) -> ScaleStepper:
 
 
 def excluded_cells(store: JobStore, scale: int) -> torch.Tensor | None:
-    """Inpaint: the hole on a scale's grid (the reference's, which is the output's), whose patches
-    are no candidates; None for every other job."""
-    known = store.manifest.get("known")
+    """The cells of a scale's reference grid whose patches are no candidates: inpaint's hole (the
+    reference's grid is the output's), or the gaps between several references; None otherwise."""
+    manifest = store.manifest
+    if manifest.get("excluded_cells"):  # several references: the gaps between them
+        return torch.from_numpy(store.array(f"excluded/{scale}")[...] > 0)
+    known = manifest.get("known")
     if not known or known["kind"] != "masked":
         return None
     return torch.from_numpy(store.array(f"known/{scale}/mask")[0] == 0)
