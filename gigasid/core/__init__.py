@@ -2,5 +2,5 @@
 
 Nothing in ``core`` touches files, Dask, Zarr or FAISS, and everything runs unchanged on CPU or
 CUDA tensors. Compute tensors are (C, H, W) images or (M, D) patch rows; a patch row is a P×P×C
-patch flattened in (row, col, channel) order. Boxes are half-open (row0, col0, row1, col1).
+patch flattened in (channel, row, col) order. Boxes are half-open (row0, col0, row1, col1).
 """
