@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 
@@ -188,6 +189,8 @@ def create_job(
         )
     manifest = {
         "version": __version__,
+        # tells a worker that outlives jobs a store created again at the same path is another job
+        "job_id": uuid.uuid4().hex,
         "config": to_mapping(config),
         "seed": seed,
         "size": list(size),
@@ -650,7 +653,7 @@ def _execute(store: JobStore, executor, progress: Progress) -> None:
         boxes = tile_boxes(store.array("output").shape[1:], manifest["output_tile"])
         where = {box: ij for ij, box in boxes}
         grid = done[...]
-        graph = {f"output-{i}-{j}": (partial(tasks.write_output_tile, path, box), [])
+        graph = {f"output-{i}-{j}": (partial(tasks.write_output_tile, path, box, manifest.get("job_id")), [])
                  for (i, j), box in boxes if not grid[i, j]}
         progress.start("output", len(boxes), len(boxes) - len(graph))
 
@@ -677,6 +680,7 @@ def scale_graph(path: str, scale: int, boxes, done: np.ndarray) -> dict[str, tup
     values a neighbour has still to read. No barrier between steps: a tile runs as soon as its
     neighbourhood is ready. Done steps are not in the graph (what they wrote is durable)."""
     stepper = tasks.scale_stepper(path, scale)
+    job = tasks.open_store(path).manifest.get("job_id")
     steps = stepper.num_steps
     shape = stepper.shape
     tile_rows, tile_cols = tile_ranges(shape[0], _side(boxes, 0)), tile_ranges(shape[1], _side(boxes, 1))
@@ -718,7 +722,7 @@ def scale_graph(path: str, scale: int, boxes, done: np.ndarray) -> dict[str, tup
             if stage >= 2:  # the previous step's readers of this core (they read what this overwrites)
                 waits |= readers[kind(t + 1)].get(ij, set())
             deps = [key(stage - 1, n) for n in sorted(waits) if pending(stage - 1, n)]
-            graph[key(stage, ij)] = (partial(tasks.run_tile, path, scale, stage, box), deps)
+            graph[key(stage, ij)] = (partial(tasks.run_tile, path, scale, stage, box, job), deps)
     return graph
 
 

@@ -86,6 +86,23 @@ def _cached(entry: tuple, build):
     return value
 
 
+_JOBS: dict[str, str] = {}  # path → the job whose cached values this process holds for it
+
+
+def _same_job(path: str, job: str | None) -> None:
+    """Drop what this process cached for ``path`` when the store there is another job now (one
+    removed and created again at the same path, on workers that outlive jobs: a cluster, the
+    Python API's client) — else a cached stepper would sample with the old job's seed or index."""
+    if job is None:
+        return
+    with _LOCK:
+        same = _JOBS.get(path) == job
+    if not same:
+        forget(path, keep_memory_job=True)
+        with _LOCK:
+            _JOBS[path] = job
+
+
 def open_store(path: str) -> JobStore:
     memory = _MEMORY.get(path)
     if memory is not None:
@@ -143,8 +160,9 @@ def excluded_cells(store: JobStore, scale: int) -> torch.Tensor | None:
     return torch.from_numpy(store.array(f"known/{scale}/mask")[0] == 0)
 
 
-def run_tile(path: str, scale: int, stage: int, box: Box) -> TileResult:
-    """Compute one tile of one stage and write its chunk."""
+def run_tile(path: str, scale: int, stage: int, box: Box, job: str | None = None) -> TileResult:
+    """Compute one tile of one stage and write its chunk (``job``: the store's job id)."""
+    _same_job(path, job)
     store = open_store(path)
     stepper = scale_stepper(path, scale)
     num_steps = stepper.num_steps
@@ -196,10 +214,11 @@ def _write_matches(store: JobStore, stepper: ScaleStepper, box: Box, x_read: tor
     store.array("scales/0/weights")[r0:r1, c0:c1] = weights.numpy()
 
 
-def write_output_tile(path: str, box: Box) -> TileResult:
+def write_output_tile(path: str, box: Box, job: str | None = None) -> TileResult:
     """One chunk of the pixel output: the finest scale's values in pixel jobs; in latent jobs the
     correspondence decode of the last step's matches, or the codec's decoder. uint8, except in an
     in-memory job's float32 output (the caller converts)."""
+    _same_job(path, job)
     store = open_store(path)
     plan = plan_of(path)
     r0, c0, r1, c1 = box

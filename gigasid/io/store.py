@@ -148,7 +148,7 @@ def stage_buffers(scale: int, stage: int, num_steps: int) -> tuple[str | None, s
 _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "version": (str,), "status": (str,), "source": (str,), "config": (dict,), "seed": (int,),
     "size": (list,), "tile": (int,), "halo": (int,), "channels": (int,), "image_channels": (int,),
-    "factor": (int,), "output_tile": (int,), "dataset": (str,), "output_done": (bool,), "given_coarsest": (bool,), "excluded_cells": (bool,),
+    "factor": (int,), "output_tile": (int,), "dataset": (str,), "output_done": (bool,), "given_coarsest": (bool,), "excluded_cells": (bool,), "job_id": (str,),
     "scales_done": (list,), "output_shapes": (list,), "reference_shapes": (list,),
     "pixel_reference_shapes": (list,), "timings": (dict,), "setup_timings": (dict,),
     "compute_seconds": (dict,), "output_pyramid": (dict, type(None)), "index_checksums": (dict,),

@@ -215,6 +215,22 @@ def test_every_profile_gives_the_same_pixels(tmp_path, monkeypatch, cluster, bac
     assert np.array_equal(sync_output, jobs.to_pixels(in_memory(backend, "uncond").image))
 
 
+def test_a_store_created_again_at_a_path_is_a_new_job_for_the_workers(tmp_path, monkeypatch, cluster) -> None:
+    """Workers outlive jobs (a cluster, the Python API's client) and cache a scale's stepper by the
+    store's path: a job removed and created again at the same path with another seed must not
+    sample with the cached one (the manifest's job id tells them apart)."""
+    import shutil
+
+    path = tmp_path / "again.zarr"
+    for seed in (SEED, SEED + 1):
+        shutil.rmtree(path, ignore_errors=True)
+        store = engine.create_job(path, rocket(48, 64), job_config("knn", "uncond"), size=None, seed=seed, tile=37)
+        with on_cluster(monkeypatch, cluster):
+            run_store(store, LOCAL_CLUSTER)
+    expected = jobs.run(jobs.prepare(rocket(48, 64), job_config("knn", "uncond")), seed=SEED + 1).image
+    assert np.array_equal(engine.read_output(store), jobs.to_pixels(expected))
+
+
 def test_a_shared_image_denoiser_is_thread_safe() -> None:
     """The ``threads`` profile runs tile tasks of one stage concurrently in one process, and they
     share the scale's ``ScaleStepper`` (``graph.tasks.scale_stepper`` is cached per process), so
