@@ -39,8 +39,16 @@ def create_job(
     tile: int | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
+    structure: str | os.PathLike[str] | None = None,
+    mask: str | os.PathLike[str] | None = None,
+    references: list[str | os.PathLike[str]] | None = None,
 ) -> Job:
     """Create the store of a new job at ``path`` (``.zarr``) from the reference ``image`` (a file).
+
+    The applications' inputs, as the command line's: ``structure`` the layout image of an analogy
+    (``--structure``), ``mask`` inpaint's mask image (``--mask``; white = regenerate),
+    ``references`` more reference images drawn from with ``image`` (``--ref``); an outpaint's
+    placement is the ``place`` setting (``overrides=["place=left"]``).
 
     ``pipeline`` is a preset's name (``gigasid/pipelines``), a YAML file or a JobConfig;
     ``overrides`` are ``"key=value"`` settings as ``--set``; ``size`` is (rows, cols) of the output
@@ -67,9 +75,47 @@ def create_job(
     image, path = Path(image), Path(path)
     if path.exists() and os.path.realpath(path) == os.path.realpath(image):
         raise InputError(f"the job store {path} is the reference {image}; choose another path")
-    limits.check_job_store(image, image_shape(image), config, force=force)
+    from gigasid.plan import check_mask_given, check_structure, default_size
+
+    check_structure(config, structure is not None)
+    check_mask_given(config, mask is not None)
+    hole = None
+    if mask is not None:
+        from gigasid.io.images import read_image
+
+        try:
+            hole = read_image(Path(mask)).mean(axis=2) >= 0.5
+        except InputError as error:
+            raise InputError(f"mask {mask}: {error}") from None
+    shape = image_shape(image)
+    reference, excluded = image, None
+    if references:
+        reference, excluded = _canvas(image, [Path(p) for p in references], config, structure, mask)
+        size = size or default_size(*shape[:2], config)  # the first image's, not the canvas's
+        shape = (*reference.shape[1:], shape[2])
+    limits.check_job_store(image, shape, config, force=force)
     store = engine.create_job(
-        path, image, config, size=size, seed=seed, tile=tile or default_tile(config), source=str(image), force=force,
+        path, reference, config, size=size, seed=seed, tile=tile or default_tile(config), source=str(image),
+        force=force, structure=None if structure is None else Path(structure), mask=hole, excluded=excluded,
     )
     store.release_lock()  # taken again by whoever runs it
     return Job(path)
+
+
+def _canvas(image: Path, references: list[Path], config: JobConfig, structure, mask):
+    """``image`` and ``references`` on one canvas (``plan.reference_atlas``), as ``--ref`` does."""
+    import torch
+
+    from gigasid import plan as job_plan
+    from gigasid.io.images import read_image
+
+    if structure is not None or mask is not None or job_plan.known_kind(config) is not None:
+        raise InputError(f"references: several references to draw from; the {config.application} application takes one")
+    images = []
+    for path in [image, *references]:
+        try:
+            pixels = read_image(path)
+        except InputError as error:
+            raise InputError(f"reference {path}: {error}") from None
+        images.append(torch.from_numpy(pixels).permute(2, 0, 1).contiguous() * 2.0 - 1.0)
+    return job_plan.reference_atlas(images, config)

@@ -166,3 +166,25 @@ def test_bad_inputs_are_clear_errors(tmp_path, client) -> None:
     with pytest.raises(ConfigError, match="unknown scheduler profile 'nonesuch'"):
         job.submit("nonesuch")
     assert job.progress().status == "created" and not job.running  # nothing was started
+
+
+def test_the_applications_inputs_through_the_api(tmp_path) -> None:
+    """references (``--ref``), structure (``--structure``) and mask (``--mask``) as the command
+    line takes them: the same pixels as ``gigasid generate`` into a store, and the same refusals."""
+    from gigasid.cli import main
+
+    coffee = REPO / "examples" / "coffee.png"
+    job = create_job(tmp_path / "two.zarr", ROCKET, pipeline="smoke", tile=64, seed=3, references=[coffee])
+    job.submit("sync").wait()
+    assert main(["generate", str(ROCKET), "--ref", str(coffee), "-o", str(tmp_path / "cli.zarr"), "--pipeline",
+                 "smoke", "--tile", "64", "--seed", "3"]) == 0
+    cli_output = engine.read_output(JobStore.open(tmp_path / "cli.zarr"))
+    assert np.array_equal(open_output(tmp_path / "two.zarr").compute(), cli_output)
+    with pytest.raises(InputError, match="structure"):
+        create_job(tmp_path / "a.zarr", ROCKET, pipeline="analogy")  # analogy without its layout
+    with pytest.raises(InputError, match="mask"):
+        create_job(tmp_path / "b.zarr", ROCKET, pipeline="inpaint")
+    with pytest.raises(InputError, match="one"):
+        create_job(tmp_path / "c.zarr", ROCKET, pipeline="inpaint", mask=ROCKET, references=[coffee])
+    with pytest.raises(InputError, match="missing.png"):
+        create_job(tmp_path / "d.zarr", ROCKET, pipeline="smoke", references=[tmp_path / "missing.png"])
