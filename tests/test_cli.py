@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from gigasid.cli import main, parse_size
@@ -26,14 +25,7 @@ ROCKET = REPO / "examples" / "rocket.png"
 FAST = ["--pipeline", "smoke", "--set", "min_short_side=24"]  # 2 scales, P = 7, T = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine torch's spinning OpenMP workers made the
-    smoke pipeline ~15x slower (23 s instead of 1.7 s); results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def crop(path: Path, box: tuple[int, int, int, int] = (40, 60, 104, 116)) -> Path:

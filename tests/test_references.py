@@ -30,12 +30,7 @@ PIXEL = ["num_steps=3", "num_scales=2", "min_short_side=24", "patch_size=7", "et
 LATENT = ["patch_size=5", "num_steps=3", "min_short_side=10", "latent.channels=16", "index.kind=auto"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @functools.cache
@@ -81,7 +76,7 @@ def test_a_job_draws_from_both_references(tmp_path, capsys) -> None:
     assert code == 0, capsys.readouterr().err
     store = JobStore.open(out)
     matches = store.array("scales/0/matches")[...]
-    ref_h, ref_w = store.manifest["reference_shapes"][0]
+    ref_w = store.manifest["reference_shapes"][0][1]
     grid_w = ref_w - 5 + 1
     found = matches[matches >= 0]
     columns = found % grid_w * 8  # the matched patches' left pixel column on the canvas
@@ -118,3 +113,32 @@ def test_references_to_a_folder_and_overwriting_a_reference_are_refused(tmp_path
     copy.write_bytes(COFFEE.read_bytes())
     assert main(["generate", str(ROCKET), "--ref", str(copy), "-o", str(copy)]) == 2
     assert copy.read_bytes() == COFFEE.read_bytes()
+
+
+class _StopAfter(engine.Progress):
+    """Interrupts the job after ``count`` tile steps (a stopped run)."""
+
+    def __init__(self, count: int):
+        super().__init__(quiet=True)
+        self.count = count
+
+    def tick(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            raise KeyboardInterrupt
+        super().tick()
+
+
+def test_a_stopped_job_over_two_references_resumes_to_the_same_pixels(tmp_path) -> None:
+    config = load_pipeline("uncond", PIXEL)
+    canvas, outside = reference_atlas([model(ROCKET), model(COFFEE)], config)
+    expected = jobs.to_pixels(jobs.run(jobs.prepare(canvas, config, size=(186, 248), excluded=outside), seed=6).image)
+    store = engine.create_job(tmp_path / "stopped.zarr", canvas, config, size=(186, 248), seed=6, tile=40,
+                              excluded=outside)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.execute(store, Profile(kind="sync"), progress=_StopAfter(30))
+    finally:
+        store.release_lock()
+    engine.resume(store.path, Profile(kind="sync"), progress=engine.Progress(quiet=True), log=lambda message: None)
+    assert np.array_equal(engine.read_output(JobStore.open(store.path)), expected)

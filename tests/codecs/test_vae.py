@@ -23,14 +23,7 @@ diffusers = pytest.importorskip("diffusers")
 FLUX_SCALING, FLUX_SHIFT = 0.3611, 0.1159  # black-forest-labs/FLUX.1-dev vae/config.json
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as in tests/test_cli.py: on the shared 2-core machine torch's spinning
-    OpenMP workers made the tiled tests ~15x slower (25 s instead of 1.6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _tiny_kl() -> torch.nn.Module:

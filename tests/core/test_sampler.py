@@ -27,18 +27,7 @@ BACKENDS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run these small jobs on one intra-op thread.
-
-    On a 2-core machine shared with other work, torch's OpenMP workers spin-wait whenever one of
-    them is descheduled; measured 5-100x slower for these tiny matmuls (a 0.3 s sample took 1.8 s,
-    a 0.02 s knn setup 2.8 s). The results do not depend on the thread count.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @functools.cache

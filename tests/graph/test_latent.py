@@ -30,12 +30,7 @@ SMALL = ["patch_size=5", "num_steps=3", "min_short_side=10", "latent.channels=16
 SEED = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

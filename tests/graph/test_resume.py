@@ -44,12 +44,7 @@ SMOKE = ["--pipeline", "smoke", "--set", "min_short_side=24", "--set", "eta=0.5"
 RUN = [*SMOKE, "--tile", "24"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

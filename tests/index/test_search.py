@@ -15,15 +15,7 @@ from gigasid.core.pyramid import resample
 from gigasid.index.candidates import ReferenceCandidates
 from gigasid.index.search import BruteForceIndex, FaissIndex, build_index
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine torch's spinning OpenMP workers make these
-    small searches many times slower; results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def exact_neighbours(queries: torch.Tensor, vectors: torch.Tensor, k: int) -> torch.Tensor:

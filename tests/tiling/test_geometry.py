@@ -27,12 +27,7 @@ STEPS = 4
 T = 3  # flow_linear with 4 steps: alpha 1/3, sigma 2/3 at t = 3 (smooth weights: every patch moves)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- pure geometry ---------------------------------------------------------------------------
