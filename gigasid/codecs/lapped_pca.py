@@ -175,16 +175,25 @@ def _coverage(window: torch.Tensor, cells: int, factor: int) -> torch.Tensor:
     return total[half : half + f * cells]
 
 
-class _WindowedBlocks:
-    """Not a codec: what ``encode_box`` needs to cut the windowed blocks of a box's cells."""
+def _lattice_blocks(read_pixels, shape: tuple[int, int], factor: int, rows: range, cols: range) -> torch.Tensor:
+    """(C·(2f)², len(rows), len(cols)) float64: :func:`_blocks` of the given cells only, the
+    pixels read once for the band of rows they span (edge-replicated past the image, as there)."""
+    height, width = shape
+    f, half = factor, factor // 2
+    top, bottom = max(0, f * rows[0] - half), min(height, f * rows[-1] + f + half)
+    pixels = read_pixels((top, 0, bottom, width)).to(torch.float64)
+    offsets = torch.arange(2 * f)
+    row_index = ((torch.tensor(list(rows))[:, None] * f - half + offsets).clamp(0, height - 1) - top).flatten()
+    col_index = (torch.tensor(list(cols))[:, None] * f - half + offsets).clamp(0, width - 1).flatten()
+    channels = pixels.shape[0]
+    cut = pixels[:, row_index][:, :, col_index].reshape(channels, len(rows), 2 * f, len(cols), 2 * f)
+    return cut.permute(0, 2, 4, 1, 3).reshape(channels * (2 * f) ** 2, len(rows), len(cols))
 
-    def __init__(self, factor: int, image_channels: int):
-        self.factor, self.encode_halo = factor, factor
-        window = sine_window(factor)
-        self._window = torch.outer(window, window).repeat(image_channels, 1, 1).reshape(-1, 1, 1)
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return _blocks(pixels.to(torch.float64), self.factor) * self._window
+def block_window(factor: int, image_channels: int) -> torch.Tensor:
+    """(C·(2f)², 1, 1): the sine analysis window over a block's values, in :func:`_blocks`' order."""
+    window = sine_window(factor)
+    return torch.outer(window, window).repeat(image_channels, 1, 1).reshape(-1, 1, 1)
 
 
 def fit_lapped_pca(
@@ -198,18 +207,18 @@ def fit_lapped_pca(
     are sampled, s the smallest that keeps the count under ``max_blocks``; the pixels are read in
     bands of ``band_cells`` cell rows, so memory does not grow with the reference.
     """
-    from gigasid.codecs import encode_box, latent_shape
+    from gigasid.codecs import latent_shape
 
     grids = [latent_shape(h, w, factor) for h, w in shapes]
     total = sum(rows * cols for rows, cols in grids)
     stride = max(1, math.ceil(math.sqrt(total / max_blocks)))
     band = max(stride, band_cells // stride * stride)
-    extractor = _WindowedBlocks(factor, image_channels)
+    window = block_window(factor, image_channels)
     covariance = BlockCovariance(image_channels * (2 * factor) ** 2)
     for level, (shape, (rows, cols)) in enumerate(zip(shapes, grids)):
         for r0 in range(0, rows, band):
-            box = (r0, 0, min(rows, r0 + band), cols)
-            blocks = encode_box(extractor, lambda b, level=level: read_pixels(level, b), shape, box)
-            picked = blocks[:, ::stride, ::stride]  # r0 is a multiple of stride: a global lattice
+            # the cells on a global lattice of stride s (r0 is a multiple of s), only those cut
+            picked = _lattice_blocks(lambda b, level=level: read_pixels(level, b), shape, factor,
+                                     range(r0, min(rows, r0 + band), stride), range(0, cols, stride)) * window
             covariance.add(picked.reshape(picked.shape[0], -1).T)
     return LappedPCACodec.fit(covariance, k, image_channels=image_channels, factor=factor, texture=texture)

@@ -99,10 +99,30 @@ def test_fit_samples_a_lattice_within_the_budget_and_every_level():
 
 
 def _windowed_blocks(image):
-    from gigasid.codecs.lapped_pca import _WindowedBlocks
+    from gigasid.codecs.lapped_pca import _blocks, block_window
 
-    blocks = _WindowedBlocks(8, image.shape[0]).encode(image)
+    blocks = _blocks(image.to(torch.float64), 8) * block_window(8, image.shape[0])
     return blocks.reshape(blocks.shape[0], -1).T
+
+
+@pytest.mark.parametrize("rows,cols", [(range(0, 5, 2), range(0, 7, 3)), (range(2, 5, 2), range(1, 7, 5)),
+                                       (range(4, 5), range(6, 7))])
+def test_the_fit_cuts_exactly_the_lattice_blocks(rows, cols):
+    """The fit cuts only the sampled cells' blocks: the same values as cutting every block and
+    picking, edges (replicated past the image) included; the read covers just their rows."""
+    from gigasid.codecs.lapped_pca import _blocks, _lattice_blocks
+
+    image = torch.rand(3, 37, 53, dtype=torch.float64) * 2 - 1  # 5 x 7 cells, partial at the edges
+    reads = []
+
+    def read(box):
+        reads.append(box)
+        return image[:, box[0] : box[2], box[1] : box[3]]
+
+    got = _lattice_blocks(read, (37, 53), 8, rows, cols)
+    every = _blocks(image, 8)
+    assert torch.equal(got, every[:, list(rows)][:, :, list(cols)])
+    assert reads[0][0] == max(0, 8 * rows[0] - 4) and reads[0][2] == min(37, 8 * rows[-1] + 12)
 
 
 def test_state_round_trip():
