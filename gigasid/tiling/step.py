@@ -330,8 +330,8 @@ def take(image: torch.Tensor, box: Box, *, periodic: Periodic) -> torch.Tensor:
     r0, c0, r1, c1 = box
     _, height, width = image.shape
     wrap_rows, wrap_cols = periodic_axes(periodic)
-    rows = torch.arange(r0, r1) % height if wrap_rows else torch.arange(r0, r1)
-    cols = torch.arange(c0, c1) % width if wrap_cols else torch.arange(c0, c1)
     if not (wrap_rows or wrap_cols):
         return image[:, r0:r1, c0:c1]
+    rows = torch.arange(r0, r1) % height if wrap_rows else torch.arange(r0, r1)
+    cols = torch.arange(c0, c1) % width if wrap_cols else torch.arange(c0, c1)
     return image[:, rows][:, :, cols]
