@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,29 +31,12 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from scaling import run_cli  # one CLI run in its own process: wall seconds, peak RSS
+
 WALLPAPERS = Path.home() / ".cache" / "gigasid-bench" / "wallpapers"
 OUT = ROOT / "bench" / "results" / "outpaint"
-
-CHILD = """
-import resource, sys, time
-from gigasid.cli import main
-started = time.perf_counter()
-code = main(sys.argv[1:])
-wall = time.perf_counter() - started
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"BENCH {wall} {rss}", flush=True)
-sys.exit(code)
-"""
-
-
-def run_cli(arguments: list[str]) -> tuple[float, float]:
-    done = subprocess.run([sys.executable, "-c", CHILD, *arguments], check=False, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(arguments)} failed:\n{done.stderr[-3000:]}")
-    line = [x for x in done.stdout.splitlines() if x.startswith("BENCH ")][-1]
-    wall, rss = map(float, line.split()[1:])
-    return wall, rss
-
 
 def read_output(path: Path) -> np.ndarray:
     if path.suffix == ".zarr":

@@ -34,6 +34,17 @@ sys.exit(code)
 """
 
 
+def run_cli(arguments: list[str]) -> tuple[float, float]:
+    """One ``gigasid`` command in its own process: (wall seconds of the command, that process's
+    peak RSS in MB); exits with its stderr if it fails."""
+    done = subprocess.run([sys.executable, "-c", CHILD, *arguments], check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(arguments)} failed:\n{done.stderr[-3000:]}")
+    line = [x for x in done.stdout.splitlines() if x.startswith("BENCH ")][-1]
+    wall, rss = map(float, line.split()[1:])
+    return wall, rss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=str(ROOT / "examples" / "coffee.png"))
@@ -48,14 +59,9 @@ def main() -> None:
         for size in args.sizes:
             height, width = map(int, size.split("x"))
             store = Path(tmp) / f"{size}.zarr"
-            cmd = [sys.executable, "-c", CHILD, "generate", args.image, "-o", str(store), "--size", size,
-                   "--tile", str(args.tile), "--pipeline", args.pipeline, "--scheduler", args.scheduler]
             started = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"{size} failed:\n{done.stderr[-3000:]}")
-            line = [x for x in done.stdout.splitlines() if x.startswith("BENCH ")][-1]
-            wall, rss = map(float, line.split()[1:])
+            wall, rss = run_cli(["generate", args.image, "-o", str(store), "--size", size, "--tile", str(args.tile),
+                                 "--pipeline", args.pipeline, "--scheduler", args.scheduler])
             megapixels = height * width / 1e6
             rows.append({"size": size, "megapixels": megapixels, "wall_s": wall, "s_per_mp": wall / megapixels,
                          "peak_rss_mb": rss, "process_s": time.perf_counter() - started})
