@@ -406,15 +406,13 @@ def _ingest_structure(store: JobStore, structure) -> None:
 def _write_given_coarsest(store: JobStore) -> None:
     """The coarsest scale an application gives: retarget's, the coarsest reference level resized
     to the output's; analogy's, the values kept in ``structure/given``."""
-    manifest = store.manifest
-    coarsest = len(manifest["output_shapes"]) - 1
-    if job_plan.application(JobPlan.from_manifest(manifest).config).structure:
+    plan = JobPlan.from_manifest(store.manifest)
+    coarsest = len(plan.output_shapes) - 1
+    if plan.application.structure:
         values = torch.from_numpy(store.array("structure/given")[...])
     else:
-        level = torch.from_numpy(store.array(f"{manifest['dataset']}/{len(manifest['reference_shapes']) - 1}")[...])
-        values = job_plan.given_coarsest(
-            level, tuple(manifest["output_shapes"][-1]), job_plan.wraps(JobPlan.from_manifest(manifest).config)
-        )
+        level = torch.from_numpy(store.array(f"{plan.dataset}/{len(plan.reference_shapes) - 1}")[...])
+        values = job_plan.given_coarsest(level, plan.output_shapes[-1], plan.periodic)
     store.array(f"scales/{coarsest}/final")[...] = values.numpy()
 
 
