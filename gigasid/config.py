@@ -87,6 +87,13 @@ class LatentConfig:
     fit_blocks: int = field(default=200_000, metadata=_range(1000, None))
     #: a diffusers VAE: a local directory, or a Hugging Face repo id already in the local cache
     vae_path: str | None = None
+    #: how the coarsest latent scale is made: latent (sampled from noise in the latent space, like
+    #: every scale) or pixel (the paper's pixel-space sampler run on the reference's coarsest pixel
+    #: level at the output's coarsest pixel size, then encoded by the codec: a latent cell is a
+    #: large piece of content there, and sampling whole cells loses the layout and repeats one
+    #: cell on a lattice). Beyond the paper; the applications that sample their coarsest scale
+    #: from noise only (uncond, tileable)
+    layout: Literal["latent", "pixel"] = "latent"
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,15 @@ class JobConfig:
                 "latent.decode=correspondence needs denoiser.backend=knn (it folds the matched "
                 "candidates); set latent.decode=codec for the dense backends"
             )
+        if self.latent.layout == "pixel":
+            if self.latent.codec == "pixel":
+                raise ConfigError("latent.layout=pixel is for latent jobs (latent.codec=pca or vae); "
+                                  "a pixel job samples every scale in pixels already")
+            if self.application not in ("uncond", "tileable"):
+                raise ConfigError(
+                    f"latent.layout=pixel with application={self.application}: the layout is sampled from noise "
+                    "for uncond and tileable only; set latent.layout=latent"
+                )
         for value in self.output_scale:
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"output_scale must be two positive factors, got {list(self.output_scale)}")

@@ -76,6 +76,8 @@ class PreparedJob:
     image_channels: int = 3
     #: outpaint, inpaint: (``plan.KnownRegion``, the reference's levels, the inpainting hole or None)
     known: tuple | None = None
+    #: ``latent.layout=pixel``: the reference's coarsest pixel level, sampled per seed
+    layout_level: torch.Tensor | None = None
 
     def plan(self, seed: int) -> job_plan.JobPlan:
         """The job plan of one sample: one whole-image tile per scale."""
@@ -145,11 +147,12 @@ def prepare(
         fixed = job_plan.structure_coarsest(layout, codec, denoisers[-1], config)
     elif job_plan.application(config).given_coarsest:
         fixed = job_plan.given_coarsest(levels[-1], out_shapes[-1], job_plan.wraps(config))
+    layout_level = pixel_levels[-1] if job_plan.pixel_layout(config) else None
     sampled_channels = channels if codec is None else codec.channels
     return PreparedJob(
         config, ref_shapes, out_shapes, sampled_channels, denoisers, fixed, setup, codec,
         image if codec is not None else None, tuple(size), pixel_shapes, channels,
-        known=None if region is None else (region, levels, mask),
+        known=None if region is None else (region, levels, mask), layout_level=layout_level,
     )
 
 
@@ -158,8 +161,11 @@ def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
     from gigasid.graph import engine
 
     pixels = None if job.pixel_reference is None else job.pixel_reference.numpy()
+    given = job.fixed_coarsest
+    if job.layout_level is not None:
+        given = engine.pixel_layout(job.config, seed, job.layout_level, job.output_shapes[-1], job.codec)
     store = engine.run_in_memory(
-        job.plan(seed), job.denoisers, codec=job.codec, pixel_reference=pixels, given_coarsest=job.fixed_coarsest,
+        job.plan(seed), job.denoisers, codec=job.codec, pixel_reference=pixels, given_coarsest=given,
         known=job.known,
     )
     timings = store.manifest["timings"]

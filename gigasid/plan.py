@@ -10,6 +10,7 @@ the front ends.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,28 @@ def wraps(config: JobConfig) -> tuple[bool, bool]:
         periodic = application(config).periodic
         return periodic, periodic
     return config.wrap in ("vertical", "both"), config.wrap in ("horizontal", "both")
+
+
+def pixel_layout(config: JobConfig) -> bool:
+    """Whether the coarsest latent scale is a pixel-space sample, encoded (``latent.layout``)."""
+    return config.latent.codec != "pixel" and config.latent.layout == "pixel"
+
+
+def gives_coarsest(config: JobConfig) -> bool:
+    """Whether the job's coarsest scale is written at creation instead of sampled: an
+    application's given layout, or the pixel layout of a latent job."""
+    return application(config).given_coarsest or pixel_layout(config)
+
+
+def layout_config(config: JobConfig) -> JobConfig:
+    """The pixel-space sampler of a latent job's layout (``latent.layout=pixel``): the paper's
+    defaults (T=10, η=0, P=15, ρ=0.2, coarsest short side 24 px: ``JobConfig``'s own) with the
+    ``uncond`` preset's candidate search, and the job's application, wrap and device."""
+    base = JobConfig()
+    return dataclasses.replace(
+        base, application=config.application, wrap=config.wrap, device=config.device,
+        index=dataclasses.replace(base.index, search_stride=2),
+    )
 
 
 def symmetry(config: JobConfig) -> str:

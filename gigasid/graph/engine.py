@@ -206,7 +206,7 @@ def create_job(
         "dataset": "reference" if factor == 1 else "latent",
         "halo": reach,
         # the application's coarsest scale is written at creation, not sampled (`gigasid check`)
-        "given_coarsest": job_plan.application(config).given_coarsest,
+        "given_coarsest": job_plan.gives_coarsest(config),
         # several references on one canvas: the cells of ``excluded/<s>`` are no candidates
         "excluded_cells": excluded is not None,
         # analogy: the structure image's pixel pyramid (``structure/<level>``), its last level the
@@ -296,8 +296,11 @@ def _build_job(
         setup["structure"] = time.perf_counter() - started
     store.update_manifest(setup_timings=setup)
     create_buffers(store, JobPlan.from_manifest(store.manifest), output_dtype="uint8")
-    if job_plan.application(config).given_coarsest:  # the coarsest scale is given, not sampled
+    if job_plan.gives_coarsest(config):  # the coarsest scale is given, not sampled
+        started = time.perf_counter()
         _write_given_coarsest(store)
+        setup["coarsest"] = time.perf_counter() - started
+        store.update_manifest(setup_timings=setup)
         store.update_manifest(scales_done=[len(out_shapes) - 1])
     building.rename(path)
     return JobStore.open(path)  # still locked by us: the lock file moved with the directory
@@ -403,13 +406,43 @@ def _ingest_structure(store: JobStore, structure) -> None:
     store.create_array("structure/given", values.shape, values.shape, "float32")[...] = values
 
 
+def pixel_layout(config: JobConfig, seed: int, level: torch.Tensor, shape: tuple[int, int], codec) -> torch.Tensor:
+    """A latent job's coarsest scale from the pixel-space sampler (``latent.layout=pixel``): the
+    paper's sampler (``plan.layout_config``) run on ``level``, the reference's coarsest pixel
+    level, to the output's coarsest grid ``shape`` times the codec's factor in pixels, then encoded
+    with ``codec``. The same engine, on a store in memory, whole; deterministic for a seed, so
+    that a store job, its repair and an in-memory job write the same values."""
+    layout = job_plan.layout_config(config)
+    levels = job_plan.reference_pyramid(level, layout)
+    pixel_shapes = tuple(tuple(int(v) for v in lvl.shape[-2:]) for lvl in levels)
+    size = (shape[0] * codec.factor, shape[1] * codec.factor)
+    out_shapes = tuple(job_plan.output_shapes(list(pixel_shapes), size, layout))
+    periodic = job_plan.wraps(layout)
+    denoisers = [job_plan.scale_denoiser(lvl, layout, periodic=periodic) for lvl in levels]
+    channels = int(level.shape[0])
+    plan = JobPlan(
+        config=layout, seed=seed, size=size, tile=max(max(s) for s in out_shapes), halo=0, channels=channels,
+        image_channels=channels, factor=1, output_tile=max(size), reference_shapes=pixel_shapes,
+        pixel_reference_shapes=pixel_shapes, output_shapes=out_shapes,
+    )
+    sample = torch.from_numpy(run_in_memory(plan, denoisers).array("scales/0/final")[...])
+    return job_plan.encode_level(codec, sample)
+
+
 def _write_given_coarsest(store: JobStore) -> None:
-    """The coarsest scale an application gives: retarget's, the coarsest reference level resized
-    to the output's; analogy's, the values kept in ``structure/given``."""
+    """The coarsest scale written at creation: retarget's, the coarsest reference level resized
+    to the output's; analogy's, the values kept in ``structure/given``; a pixel layout's
+    (:func:`pixel_layout`), sampled from the stored coarsest pixel level."""
     plan = JobPlan.from_manifest(store.manifest)
     coarsest = len(plan.output_shapes) - 1
     if plan.application.structure:
         values = torch.from_numpy(store.array("structure/given")[...])
+    elif job_plan.pixel_layout(plan.config):
+        from gigasid.codecs import from_state
+
+        level = torch.from_numpy(store.array(f"reference/{len(plan.pixel_reference_shapes) - 1}")[...])
+        values = pixel_layout(plan.config, plan.seed, level, plan.output_shapes[-1],
+                              from_state(store.load_codec_state()))
     else:
         level = torch.from_numpy(store.array(f"{plan.dataset}/{len(plan.reference_shapes) - 1}")[...])
         values = job_plan.given_coarsest(level, plan.output_shapes[-1], plan.periodic)

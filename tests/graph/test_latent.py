@@ -60,6 +60,9 @@ CASES = {
     "retarget-correspondence": ("panorama", [], (256, 600)),
     # a 360° panorama: the columns wrap (latent grid, resampling and the correspondence decode)
     "wrap-correspondence": ("panorama-360", [], (256, 600)),
+    # the coarsest scale from the pixel-space sampler, encoded (written at creation, then tiled)
+    "uncond-pixel-layout": ("gigapixel", ["latent.layout=pixel"], (200, 296)),
+    "tileable-pixel-layout": ("texture", ["latent.layout=pixel"], (192, 320)),
 }
 
 
@@ -182,3 +185,31 @@ def test_a_vae_job_without_weights_says_where_it_looked(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert str(missing) in err and err.count("\n") == 1
+
+
+def test_a_pixel_layout_is_the_pixel_samplers_and_follows_the_seed(coffee):
+    """latent.layout=pixel: the coarsest latent scale is the codec's encoding of the paper's pixel
+    sampler run on the reference's coarsest pixel level (not the latent sampler's), and a new seed
+    gives a new layout."""
+    config = load_pipeline("gigapixel", SMALL + ["latent.layout=pixel"])
+    job = jobs.prepare(coffee, config, size=(200, 296))
+    first = jobs.run(job, seed=SEED)
+    coarsest = len(job.output_shapes) - 1
+    layout = engine.pixel_layout(config, SEED, job.layout_level, job.output_shapes[-1], job.codec)
+    assert torch.equal(first.scales[coarsest], layout)
+    latent = jobs.run(jobs.prepare(coffee, load_pipeline("gigapixel", SMALL), size=(200, 296)), seed=SEED)
+    assert not torch.equal(latent.scales[coarsest], layout)
+    other = jobs.run(job, seed=SEED + 1)
+    assert (other.scales[coarsest] - first.scales[coarsest]).abs().mean() > 0.05
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["latent.layout=pixel"], "for latent jobs"),  # uncond's own codec: pixel
+    (["latent.codec=pca", "application=retarget", "latent.layout=pixel"], "application=retarget"),
+    (["latent.codec=pca", "application=outpaint", "latent.layout=pixel"], "set latent.layout=latent"),
+])
+def test_a_pixel_layout_where_it_cannot_apply_is_refused(settings, message):
+    from gigasid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline("uncond", settings)
