@@ -64,6 +64,13 @@ def test_tiled_equals_in_memory_and_no_patch_spans_a_gap(tmp_path) -> None:
     finally:
         store.release_lock()
     assert np.array_equal(engine.read_output(JobStore.open(store.path)), expected)
+    # the gaps are read back by `gigasid check`: a damaged chunk is reported, and not repairable
+    assert main(["check", str(store.path)]) == 0
+    chunk = next(path for path in (store.path / "excluded" / "1").rglob("*") if path.is_file() and path.name != "zarr.json")
+    chunk.write_bytes(b"garbage")
+    assert main(["check", str(store.path)]) != 0
+    with pytest.raises(Exception, match="excluded/1"):
+        engine.resume(store.path, Profile(kind="sync"), progress=engine.Progress(quiet=True))
 
 
 def test_a_job_draws_from_both_references(tmp_path, capsys) -> None:

@@ -10,7 +10,8 @@ is missing or corrupt in terms the driver can act on:
   and the index files (their CRC-32C recorded in the manifest when they were built), which are
   rebuilt from the reference;
 * an outpaint or inpaint job's known values and mask per scale (written again from the reference
-  and the stored inpainting mask, ``known/hole``, which is not repairable);
+  and the stored inpainting mask, ``known/hole``, which is not repairable), and the cells a job
+  over several references leaves out (``excluded/<s>``, not repairable either);
 * per scale, the chunks the next stage relies on: the buffer the stage in progress writes (its
   done tiles), the buffer it reads (every tile: the previous stage's values), ``final`` of a
   finished scale (and then the buffer of its last step, needed to recompute a final tile), the last
@@ -194,6 +195,9 @@ def _check_inputs(reader: _Reader, manifest: dict) -> None:
         for scale in range(len(manifest["reference_shapes"])):
             if reader.chunks(f"latent/{scale}", fatal=len(report.damaged) > codec_damage):
                 report.latents.add(scale)  # encoded again with the stored codec
+    if manifest.get("excluded_cells"):  # several references: the gaps, from the atlas the CLI built
+        for scale in range(len(manifest["reference_shapes"])):
+            reader.chunks(f"excluded/{scale}", fatal=True)  # nothing in the store to write them from
     if manifest.get("known"):  # outpaint, inpaint: what the tile steps hold, written at creation
         if manifest["known"]["kind"] == "masked":  # the user's mask: nothing to write it again from
             reader.chunks("known/hole", fatal=True)
