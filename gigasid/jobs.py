@@ -81,13 +81,10 @@ class PreparedJob:
 
     def plan(self, seed: int) -> job_plan.JobPlan:
         """The job plan of one sample: one whole-image tile per scale."""
-        factor = 1 if self.codec is None else self.codec.factor
-        tile = max(max(shape) for shape in self.output_shapes)
-        return job_plan.JobPlan(
-            config=self.config, seed=seed, size=tuple(self.size), tile=tile, halo=0, channels=self.channels,
-            image_channels=self.image_channels, factor=factor, output_tile=max(self.size),
-            reference_shapes=tuple(self.reference_shapes), pixel_reference_shapes=tuple(self.pixel_shapes),
-            output_shapes=tuple(self.output_shapes),
+        return job_plan.JobPlan.whole(
+            self.config, seed, self.size, channels=self.channels, image_channels=self.image_channels,
+            factor=1 if self.codec is None else self.codec.factor, reference_shapes=self.reference_shapes,
+            pixel_reference_shapes=self.pixel_shapes, output_shapes=self.output_shapes,
         )
 
 

@@ -717,6 +717,19 @@ class JobPlan:
             output_shapes=shapes("output_shapes"),
         )
 
+    @classmethod
+    def whole(
+        cls, config: JobConfig, seed: int, size: tuple[int, int], *, channels: int, image_channels: int,
+        factor: int, reference_shapes, pixel_reference_shapes, output_shapes,
+    ) -> JobPlan:
+        """The plan of an in-memory job: one whole-image tile per scale, no halo."""
+        return cls(
+            config=config, seed=seed, size=tuple(size), tile=max(max(shape) for shape in output_shapes), halo=0,
+            channels=channels, image_channels=image_channels, factor=factor, output_tile=max(size),
+            reference_shapes=tuple(reference_shapes), pixel_reference_shapes=tuple(pixel_reference_shapes),
+            output_shapes=tuple(output_shapes),
+        )
+
     def manifest(self) -> dict:
         return {
             "config": to_mapping(self.config), "seed": self.seed, "size": list(self.size), "tile": self.tile,

@@ -300,8 +300,7 @@ def _build_job(
         started = time.perf_counter()
         _write_given_coarsest(store)
         setup["coarsest"] = time.perf_counter() - started
-        store.update_manifest(setup_timings=setup)
-        store.update_manifest(scales_done=[len(out_shapes) - 1])
+        store.update_manifest(setup_timings=setup, scales_done=[len(out_shapes) - 1])
     building.rename(path)
     return JobStore.open(path)  # still locked by us: the lock file moved with the directory
 
@@ -414,16 +413,14 @@ def pixel_layout(config: JobConfig, seed: int, level: torch.Tensor, shape: tuple
     that a store job, its repair and an in-memory job write the same values."""
     layout = job_plan.layout_config(config)
     levels = job_plan.reference_pyramid(level, layout)
-    pixel_shapes = tuple(tuple(int(v) for v in lvl.shape[-2:]) for lvl in levels)
+    pixel_shapes = [tuple(int(v) for v in lvl.shape[-2:]) for lvl in levels]
     size = (shape[0] * codec.factor, shape[1] * codec.factor)
-    out_shapes = tuple(job_plan.output_shapes(list(pixel_shapes), size, layout))
     periodic = job_plan.wraps(layout)
     denoisers = [job_plan.scale_denoiser(lvl, layout, periodic=periodic) for lvl in levels]
     channels = int(level.shape[0])
-    plan = JobPlan(
-        config=layout, seed=seed, size=size, tile=max(max(s) for s in out_shapes), halo=0, channels=channels,
-        image_channels=channels, factor=1, output_tile=max(size), reference_shapes=pixel_shapes,
-        pixel_reference_shapes=pixel_shapes, output_shapes=out_shapes,
+    plan = JobPlan.whole(
+        layout, seed, size, channels=channels, image_channels=channels, factor=1, reference_shapes=pixel_shapes,
+        pixel_reference_shapes=pixel_shapes, output_shapes=job_plan.output_shapes(pixel_shapes, size, layout),
     )
     sample = torch.from_numpy(run_in_memory(plan, denoisers).array("scales/0/final")[...])
     return job_plan.encode_level(codec, sample)
