@@ -115,7 +115,7 @@ def prepare(
         size = job_plan.known_size(config, (height, width), size)
     if structure is not None:
         size = job_plan.structure_size(tuple(structure.shape[1:]), size, config)
-    pixel_levels = reference_pyramid(image, config)
+    pixel_levels = reference_pyramid(image, config, mask)  # inpaint: the known pixels' pyramid
     pixel_shapes = [tuple(level.shape[-2:]) for level in pixel_levels]
     codec = job_plan.build_codec(
         config, lambda s, b: pixel_levels[s][:, b[0] : b[2], b[1] : b[3]], pixel_shapes, channels
@@ -129,7 +129,7 @@ def prepare(
     region = job_plan.known_region(config, (height, width), size, ref_shapes, out_shapes)
     holes = None if mask is None else job_plan.known_holes(config, mask, pixel_shapes)
     if excluded is not None:  # several references: the gaps between them are no patches
-        holes = job_plan.known_holes(config, torch.as_tensor(excluded, dtype=torch.bool), pixel_shapes)
+        holes = job_plan.excluded_cells(config, torch.as_tensor(excluded, dtype=torch.bool), pixel_shapes)
     denoisers, setup = [], []
     for scale, level in enumerate(levels):
         started = time.perf_counter()

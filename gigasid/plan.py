@@ -146,12 +146,24 @@ def reference_shapes(height: int, width: int, config: JobConfig) -> list[tuple[i
     return [latent_shape(h, w, factor) for h, w in pixel_reference_shapes(height, width, config)]
 
 
-def reference_pyramid(image: torch.Tensor, config: JobConfig) -> list[torch.Tensor]:
-    """The reference's pixel pyramid, finest first; each level resampled from the one above."""
+def reference_pyramid(image: torch.Tensor, config: JobConfig, hole: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The reference's pixel pyramid, finest first; each level resampled from the one above.
+    With an inpainting ``hole`` (bool (H, W)) the pyramid of the known pixels alone
+    (``core.known.without_hole``)."""
     shapes = pixel_reference_shapes(image.shape[1], image.shape[2], config)
+    shares = None
+    if hole is not None:
+        from gigasid.core.known import known_share
+
+        shares = known_share(hole, shapes)
+        image = image * shares[0]
     levels = [image]
     for shape in shapes[1:]:
         levels.append(resample(levels[-1], shape))
+    if shares is not None:
+        from gigasid.core.known import without_hole
+
+        levels = [without_hole(level, share) for level, share in zip(levels, shares)]
     return levels
 
 
@@ -613,19 +625,36 @@ def known_region(
 def known_holes(
     config: JobConfig, hole: torch.Tensor, pixel_shapes: list[tuple[int, int]]
 ) -> list[torch.Tensor]:
-    """An inpainting hole (bool, the finest pixel level) on every scale's sampling grid; refuses a
-    mask that leaves some scale no patch clear of it (nothing to copy the hole from)."""
-    from gigasid.core.known import allowed_patches, hole_pyramid, latent_hole
+    """An inpainting hole (bool, the finest pixel level) on every scale's sampling grid (the cells
+    of too small a known share, ``core.known``); refuses a mask that leaves some scale no patch
+    clear of it (nothing to copy the hole from)."""
+    from gigasid.core.known import known_share, share_hole
+
+    return _scale_cells(config, [share_hole(share) for share in known_share(hole, pixel_shapes)], "the mask leaves", "a smaller mask")
+
+
+def excluded_cells(
+    config: JobConfig, excluded: torch.Tensor, pixel_shapes: list[tuple[int, int]]
+) -> list[torch.Tensor]:
+    """Pixels that are no reference (several references' gaps, bool, the finest pixel level) on
+    every scale's sampling grid: every cell a resampling tap of them reaches."""
+    from gigasid.core.known import hole_pyramid
+
+    return _scale_cells(config, hole_pyramid(excluded, pixel_shapes), "the gaps between the references leave",
+                        "larger references")
+
+
+def _scale_cells(config: JobConfig, holes: list[torch.Tensor], what: str, remedy: str) -> list[torch.Tensor]:
+    from gigasid.core.known import allowed_patches, latent_hole
 
     factor = codec_factor(config)
-    holes = hole_pyramid(hole, pixel_shapes)
     if factor > 1:
         holes = [latent_hole(level, factor) for level in holes]
     for scale, level in enumerate(holes):
         if not allowed_patches(level, config.patch_size).any():
             raise InputError(
-                f"the mask leaves no {config.patch_size}x{config.patch_size} patch clear of it at scale {scale} "
-                f"({level.shape[0]}x{level.shape[1]}): nothing to fill it from; use a smaller mask, fewer scales "
+                f"{what} no {config.patch_size}x{config.patch_size} patch clear of it at scale {scale} "
+                f"({level.shape[0]}x{level.shape[1]}): nothing to fill it from; use {remedy}, fewer scales "
                 "(--set num_scales=N) or a smaller patch_size"
             )
     return holes

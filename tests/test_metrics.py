@@ -358,3 +358,32 @@ def test_source_usage_is_deterministic_and_validates(scene):
         metrics.source_usage(scene, scene, samples=0)
     with pytest.raises(ValueError, match="smaller than patch_size"):
         metrics.source_usage(scene[:16], scene, reduce=4)
+
+
+# --- known regions: border and fill ---------------------------------------------------------------
+
+
+def test_border_gradient_ratio_is_one_for_the_reference_and_large_for_a_pasted_patch(ref):
+    known = np.zeros(ref.shape[:2], bool)
+    known[32:96, 40:100] = True
+    assert abs(metrics.border_gradient_ratio(ref, known) - 1.0) < 0.2
+    pasted = ref.copy()
+    pasted[known] = np.clip(ref[known] + 0.3, 0, 1)  # a step in brightness along the border
+    assert metrics.border_gradient_ratio(pasted, known) > 3.0
+    with pytest.raises(ValueError, match="known is"):
+        metrics.border_gradient_ratio(ref, known[:10])
+
+
+def test_hole_detail_is_about_one_for_the_reference_and_low_for_a_fogged_hole(ref):
+    hole = np.zeros(ref.shape[:2], bool)
+    hole[40:88, 40:88] = True
+    assert 0.8 < metrics.hole_detail(ref, ref, hole, ring=16) < 1.25
+    fogged = ref.copy()
+    fogged[hole] = ndimage.gaussian_filter(ref, (4, 4, 0))[hole]
+    assert metrics.hole_detail(fogged, ref, hole, ring=16) < 0.4
+    with pytest.raises(ValueError, match="empty"):
+        metrics.hole_detail(ref, ref, np.zeros_like(hole))
+    with pytest.raises(ValueError, match="differ"):
+        metrics.hole_detail(ref, ref, hole[:64])
+    with pytest.raises(ConfigError, match="ring"):
+        metrics.hole_detail(ref, ref, hole, ring=0)

@@ -8,12 +8,22 @@ a soft ramp would need known values where there are none (outside an outpainted 
 change known pixels (which must come out unchanged); the border is hidden by the denoiser's
 patches that straddle it, not by a cross-fade.
 
-Here is the pure geometry, on boolean (H, W) grids, finest level first:
+An inpainting reference is pyramided **without its hole** (normalised convolution): the pyramid of
+the reference times the known share (1 outside the hole, 0 in it) divided, level by level, by the
+pyramid of the share itself. A coarse cell's value is then the resampling of the known pixels
+alone, so the object the mask removes does not leak into any level, and a coarse cell is in the
+hole where less than :data:`KNOWN_SHARE` of its resampling weight reads known pixels: the hole keeps
+its size at every scale. (Marking every cell that any tap of the hole reaches grows the hole by
+the taps' reach at each level: a few scales down it covered four times its area, and a coarse
+layout with so little known context came out as a flat average, the fog seen in large holes.)
 
-* :func:`hole_pyramid`: a regenerated region ("hole", white in an inpainting mask) at every pixel
-  level, each level from the one above with the pyramid's own resampling taps: a cell is in the
-  hole when any tap with a nonzero weight reads a hole cell (the hole's content must not leak into
-  a known cell through the resampling);
+Here is the pure geometry, finest level first:
+
+* :func:`known_share`, :func:`share_hole` and :func:`without_hole`: the share pyramid, the hole it
+  gives at each level and a level's values from its known pixels alone;
+* :func:`hole_pyramid`: excluded cells (several references' gaps) at every pixel level, each
+  level from the one above with the pyramid's own resampling taps: a cell is excluded when any
+  tap with a nonzero weight reads an excluded cell (nothing of them may reach a patch);
 * :func:`latent_hole`: the same for a latent grid of a lapped codec (a cell's 2f×2f block);
 * :func:`allowed_patches`: the reference patches that touch no hole cell: the inpainting
   candidate set (the hole is not copied from itself).
@@ -24,7 +34,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gigasid.core.pyramid import resample_taps
+from gigasid.core.pyramid import resample, resample_taps
+
+#: a coarse cell is known when at least this share of its resampling weight reads known pixels
+#: (measured on a 1280x800 photo with a 6 % hole: 0.5 gave a border gradient ratio of 1.08, 0.9 one
+#: of 1.65, its larger coarse holes losing the context that continues the surroundings)
+KNOWN_SHARE = 0.5
+
+
+def known_share(hole: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The share of each cell's resampling weight that reads known pixels, float32 (H, W) per
+    level of a pyramid of ``shapes`` (finest first; ``hole``, bool, is the finest level), each level
+    resampled from the one above as the reference pyramid is."""
+    levels = [(~hole.to(torch.bool)).to(torch.float32)]
+    for shape in shapes[1:]:
+        levels.append(resample(levels[-1], shape))
+    return levels
+
+
+def share_hole(share: torch.Tensor) -> torch.Tensor:
+    """The hole of a level (bool): the cells whose known share is below :data:`KNOWN_SHARE`."""
+    return share < KNOWN_SHARE
+
+
+def without_hole(weighted: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """A level (C, h, w) from the known pixels alone: ``weighted`` is the level of the reference
+    times its known share (the pyramid of reference·share), divided by ``share`` (its rows and
+    columns; a band of both gives the band's values). The hole's cells are 0: no patch reads them."""
+    known = ~share_hole(share)
+    return torch.where(known, weighted / torch.where(known, share, torch.ones_like(share)), torch.zeros_like(weighted))
 
 
 def _dilate_axis(hole: torch.Tensor, axis: int, out_len: int) -> torch.Tensor:

@@ -63,25 +63,30 @@ def job_halo(config: JobConfig, shapes: list[tuple[int, int]]) -> int:
     )
 
 
-def ingest_reference(store: JobStore, source: torch.Tensor | str | Path, config: JobConfig, *, rows: int = 256):
+def ingest_reference(
+    store: JobStore, source: torch.Tensor | str | Path, config: JobConfig, *, hole: torch.Tensor | None = None,
+    rows: int = 256,
+):
     """Write the reference pyramid into the store without holding the source image whole.
 
     A file is read in strips (pyvips, sequentially) into ``reference/0``; every coarser level is
     resampled band by band from the level above, with the same taps and arithmetic as
-    ``plan.reference_pyramid``, so the values are those of the in-memory pyramid.
+    ``plan.reference_pyramid``, so the values are those of the in-memory pyramid (with an
+    inpainting ``hole``, the known pixels' pyramid as there).
     """
     return ingest_pyramid(
         store, "reference", source, lambda height, width: job_plan.pixel_reference_shapes(height, width, config),
-        rows=rows,
+        rows=rows, hole=hole,
     )
 
 
 def ingest_pyramid(
     store: JobStore, name: str, source: torch.Tensor | str | Path, shapes_of, *, channels: int | None = None,
-    rows: int = 256,
+    rows: int = 256, hole: torch.Tensor | None = None,
 ):
     """Write an image's pyramid at ``shapes_of(height, width)`` into ``name/<level>`` (see
-    :func:`ingest_reference`); ``channels``: converted to that many (``plan.match_channels``)."""
+    :func:`ingest_reference`); ``channels``: converted to that many (``plan.match_channels``);
+    ``hole``: the pyramid of the known pixels alone (``core.known.without_hole``)."""
     from gigasid.io.images import image_shape, read_strips
 
     if isinstance(source, torch.Tensor):
@@ -94,6 +99,12 @@ def ingest_pyramid(
     if channels is not None:
         strips = ((top, job_plan.match_channels(strip, channels)) for top, strip in strips)
     shapes = shapes_of(height, width)
+    shares = None
+    if hole is not None:  # the pyramid of reference·share, then each level divided by the share's
+        from gigasid.core.known import known_share
+
+        shares = known_share(hole, shapes)
+        strips = ((top, strip * shares[0][top : top + strip.shape[1]]) for top, strip in strips)
     level0 = None
     for top, strip in strips:
         if level0 is None:
@@ -102,6 +113,14 @@ def ingest_pyramid(
         level0[:, top : top + strip.shape[1]] = strip.numpy().astype(np.float32)
     for scale in range(1, len(shapes)):
         _downsample_level(store, scale, shapes, channels, rows, name=name)
+    if shares is not None:
+        from gigasid.core.known import without_hole
+
+        for scale, share in enumerate(shares):
+            level = store.array(f"{name}/{scale}")
+            for top in range(0, share.shape[0], rows):
+                band = torch.from_numpy(level[:, top : top + rows])
+                level[:, top : top + rows] = without_hole(band, share[top : top + rows]).numpy()
     return shapes, int(channels)
 
 
@@ -265,7 +284,7 @@ def _build_job(
     factor = manifest["factor"]
     setup = {}  # seconds per setup stage, for `gigasid info` and the benchmarks
     started = time.perf_counter()
-    _, image_channels = ingest_reference(store, image, config)
+    _, image_channels = ingest_reference(store, image, config, hole=hole)
     setup["ingest"] = time.perf_counter() - started
     channels = image_channels
     if factor > 1:
@@ -274,7 +293,7 @@ def _build_job(
         setup["codec fit + encode"] = time.perf_counter() - started
     store.update_manifest(channels=channels, image_channels=image_channels)
     if excluded is not None:  # before the indexes, which leave these cells' patches out
-        holes = job_plan.known_holes(config, torch.as_tensor(excluded, dtype=torch.bool), pixel_shapes)
+        holes = job_plan.excluded_cells(config, torch.as_tensor(excluded, dtype=torch.bool), pixel_shapes)
         for scale, cells in enumerate(holes):
             store.create_array(f"excluded/{scale}", cells.shape, cells.shape, "uint8")[...] = cells.numpy()
     if "known" in manifest:  # before the indexes: inpaint's leave out the hole's patches
@@ -862,7 +881,10 @@ def repair(store: JobStore, report: CheckReport, *, log=None) -> None:
     # the inputs first: what the scales are recomputed from
     if report.reference:
         source = source_available(manifest)
-        ingest_reference(store, source, JobPlan.from_manifest(store.manifest).config)
+        hole = None
+        if (manifest.get("known") or {}).get("kind") == "masked":  # inpaint: the known pixels' pyramid
+            hole = torch.from_numpy(store.array("known/hole")[...] > 0)
+        ingest_reference(store, source, JobPlan.from_manifest(store.manifest).config, hole=hole)
         log(f"reference: read again from {source}")
     if report.structure:
         source = source_available(manifest, "structure_file")

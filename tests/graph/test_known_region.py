@@ -151,10 +151,10 @@ def test_the_place_options_put_the_reference_where_they_say() -> None:
 
 def test_the_holes_patches_are_no_candidates() -> None:
     """Every candidate the index gives (strided search: shifted candidates too) is a patch that
-    touches no hole cell; the hole's own pyramid only grows (no hole cell is ever 'known')."""
-    levels = job_plan.reference_pyramid(rocket(), config("knn", "inpaint"))
-    holes = hole_pyramid(torch.from_numpy(hole()), [tuple(level.shape[-2:]) for level in levels])
-    assert holes[1].sum() * 4 >= hole().sum()
+    touches no hole cell, at every scale of the hole."""
+    cfg = config("knn", "inpaint")
+    levels = job_plan.reference_pyramid(rocket(), cfg, torch.from_numpy(hole()))
+    holes = job_plan.known_holes(cfg, torch.from_numpy(hole()), [tuple(level.shape[-2:]) for level in levels])
     for level, cells in zip(levels, holes):
         source = ReferenceCandidates(level, 5, k=5, index="flat", search_stride=2, excluded=cells)
         allowed = allowed_patches(cells, 5).flatten()
@@ -163,6 +163,29 @@ def test_the_holes_patches_are_no_candidates() -> None:
         valid = found[found >= 0]
         assert valid.numel() > 0 and bool(allowed[valid].all())
         assert bool((found >= 0).any(1).all())  # every query keeps a candidate
+
+
+def test_the_removed_content_reaches_no_level_and_the_hole_keeps_its_size() -> None:
+    """An inpainting reference is pyramided from its known pixels alone: whatever the hole holds,
+    every level is the same (the object a mask removes leaks into no coarse cell), and the hole
+    covers about its own share of every level (it does not grow by the resampling taps' reach at
+    each level, as the excluded cells of several references do)."""
+    cfg = config("knn", "inpaint", num_scales=3, min_short_side=12)
+    cells = torch.from_numpy(hole())
+    painted = rocket().clone()
+    painted[:, cells] = 1.0  # a white object where the mask is
+    levels = job_plan.reference_pyramid(rocket(), cfg, cells)
+    for level, other in zip(levels, job_plan.reference_pyramid(painted, cfg, cells)):
+        assert torch.equal(level, other)
+    shapes = [tuple(level.shape[-2:]) for level in levels]
+    holes = job_plan.known_holes(cfg, cells, shapes)
+    share = float(cells.float().mean())
+    for shape, level in zip(shapes, holes):
+        assert 0.5 * share <= float(level.float().mean()) <= 2.0 * share, shape
+    assert float(hole_pyramid(cells, shapes)[-1].float().mean()) > 2.0 * share  # the dilation rule grows
+    # known cells far from the hole keep the plain pyramid's values
+    plain = job_plan.reference_pyramid(rocket(), cfg)
+    assert torch.allclose(levels[-1][:, :2], plain[-1][:, :2], atol=1e-5)
 
 
 def test_a_latent_hole_covers_every_cell_whose_block_touches_it() -> None:
@@ -328,3 +351,25 @@ def test_the_cli_runs_both_and_keeps_the_known_pixels(tmp_path, files) -> None:
                  "--place", "left", "--tile", "40", *SMALL]) == 0
     got = np.asarray(Image.open(out))
     assert got.shape[:2] == (64, 112) and np.array_equal(got[8:56, 0:64], reference)
+
+
+def test_a_damaged_inpainting_reference_is_read_again_without_its_hole(tmp_path, files) -> None:
+    """Resume reads a damaged reference level again from its file, as the known pixels' pyramid
+    (with the stored mask), builds the level's lost index from it and gives the undamaged job's
+    pixels."""
+    store = tmp_path / "inpaint.zarr"
+    assert main(["generate", str(files["ref"]), "-o", str(store), "--pipeline", "inpaint", "--mask",
+                 str(files["mask"]), "--tile", "40", *SMALL]) == 0
+    want = engine.read_output(JobStore.open(store))
+    level = store / "reference" / "1"
+    for chunk in (level / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"garbage")
+    for built in (store / "index" / "1").iterdir():
+        built.unlink()  # the index and the sampled copy of the level are built again from it
+    for done in [*(store / "scales").glob("*/done/c/**/*"), *(store / "output_done").glob("c/**/*")]:
+        if done.is_file():
+            done.unlink()  # every scale is sampled again from the read-back reference, and exported
+    assert main(["check", str(store)]) == 2
+    assert main(["resume", str(store)]) == 0
+    assert np.array_equal(engine.read_output(JobStore.open(store)), want)
