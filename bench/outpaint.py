@@ -10,9 +10,10 @@ Three runs, each ``gigasid generate`` in its own process (peak RSS is that run's
   centre, ``inpaint`` through the tiled engine.
 
 For each: wall seconds, peak RSS, the largest difference from the reference over the known pixels
-(acceptance: <= 1 grey level) and ``metrics.border_gradient_ratio`` (acceptance: <= 1.2). Writes
+(acceptance: <= 1 grey level) and ``metrics.border_gradient_ratio`` (acceptance: <= 1.2); for
+inpainting also ``metrics.hole_detail`` (the fill's detail over its surroundings': fog scores low). Writes
 ``bench/results/outpaint/outpaint.json`` and a contact sheet (``sheet.jpg``: each output reduced,
-the known region's border in red). Run: ``python bench/outpaint.py [--photo NAME.jpg] [--only NAME]``.
+the known region's border in red). Run: ``python bench/outpaint.py [--photo NAME.jpg ...] [--only NAME]``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from scaling import run_cli  # one CLI run in its own process: wall seconds, peak RSS
 
+from gigasid.metrics import hole_detail
+
 WALLPAPERS = Path.home() / ".cache" / "gigasid-bench" / "wallpapers"
 OUT = ROOT / "bench" / "results" / "outpaint"
 
@@ -44,6 +47,12 @@ def read_output(path: Path) -> np.ndarray:
 
         return np.asarray(open_output(path).compute()).transpose(1, 2, 0)
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def store_cleanup(store: Path) -> None:
+    import shutil
+
+    shutil.rmtree(store, ignore_errors=True)
 
 
 def figures(name, output, reference, known, wall, rss, extra) -> dict:
@@ -75,12 +84,13 @@ def sheet_tile(output: np.ndarray, known: np.ndarray, width: int) -> Image.Image
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--photo", default="EveningGlow.jpg", help="a file in " + str(WALLPAPERS))
+    parser.add_argument("--photo", nargs="+", default=["EveningGlow.jpg"],
+                        help="files in " + str(WALLPAPERS) + " (inpaint runs on each, the panorama on the first)")
     parser.add_argument("--only", choices=("panorama", "outpaint", "inpaint"))
     parser.add_argument("--scheduler", default="threads")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    photo = WALLPAPERS / args.photo
+    photo = WALLPAPERS / args.photo[0]
     rows, tiles = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -96,9 +106,9 @@ def main() -> None:
             rows.append(figures("outpaint (pixel)", output, reference, known, wall, rss,
                                 {"reference": "coffee.png 256x384", "pipeline": "outpaint"}))
             tiles.append(("outpaint: coffee.png 256x384 -> 256x1152", sheet_tile(output, known, 1536)))
-        if args.only in (None, "inpaint"):
+        for name in args.photo if args.only in (None, "inpaint") else []:
             small = tmp / "photo.png"
-            Image.open(photo).convert("RGB").resize((1280, 800), Image.LANCZOS).save(small)
+            Image.open(WALLPAPERS / name).convert("RGB").resize((1280, 800), Image.LANCZOS).save(small)
             reference = np.asarray(Image.open(small))
             rr, cc = np.mgrid[:800, :1280]
             hole = ((rr - 430) / 110.0) ** 2 + ((cc - 700) / 170.0) ** 2 <= 1.0
@@ -109,8 +119,10 @@ def main() -> None:
                                  "--tile", "256", "--scheduler", args.scheduler])
             output = read_output(store)
             rows.append(figures("inpaint (pixel, tiled)", output, reference, ~hole, wall, rss,
-                                {"reference": f"{args.photo} at 1280x800", "hole_px": int(hole.sum())}))
-            tiles.append((f"inpaint: {args.photo} 1280x800, elliptic hole", sheet_tile(output, ~hole, 1536)))
+                                {"reference": f"{name} at 1280x800", "hole_px": int(hole.sum()),
+                                 "hole_detail": round(hole_detail(output, reference, hole), 3)}))
+            tiles.append((f"inpaint: {name} 1280x800, elliptic hole", sheet_tile(output, ~hole, 1536)))
+            store_cleanup(store)
         if args.only in (None, "panorama"):
             reference = np.asarray(Image.open(photo).convert("RGB"))
             height, width = reference.shape[:2]
@@ -123,8 +135,8 @@ def main() -> None:
             left = (6 * width - width) // 2 // 8 * 8
             known[:, left : left + width] = True
             rows.append(figures("panorama (outpaint-large, out of core)", output, reference, known, wall, rss,
-                                {"reference": f"{args.photo} {height}x{width}", "size": size}))
-            tiles.append((f"panorama: {args.photo} {height}x{width} -> {size}", sheet_tile(output, known, 1536)))
+                                {"reference": f"{args.photo[0]} {height}x{width}", "size": size}))
+            tiles.append((f"panorama: {args.photo[0]} {height}x{width} -> {size}", sheet_tile(output, known, 1536)))
     result = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
               "runs": rows}
     path = OUT / ("outpaint.json" if args.only is None else f"outpaint-{args.only}.json")
