@@ -23,13 +23,23 @@ import torch
 import torch.nn.functional as F
 
 
+#: the smallest value of a window profile: an image's corner pixel is covered by one patch only,
+#: at that patch's corner, whose weight (the profile's edge value squared, exp(-1/ρ²)) must stay a
+#: normal float32 for the fold's division by the folded window sum: below ρ ≈ 0.11 it would be a
+#: subnormal (a few bits of precision) and below ρ ≈ 0.1 zero (0/0). Above ρ ≈ 0.12 the floor is
+#: never reached, so the paper's ρ = 0.2 window is the plain Gaussian.
+PROFILE_FLOOR = 1e-15
+
+
 def window_profile(patch_size: int, rho: float) -> torch.Tensor:
-    """The 1-D Gaussian over the patch's normalised coordinates ``linspace(-1, 1, P)``, float64;
-    rho = inf gives ones."""
+    """The 1-D Gaussian over the patch's normalised coordinates ``linspace(-1, 1, P)``, float64,
+    floored at :data:`PROFILE_FLOOR`; rho = inf gives ones."""
     if rho <= 0:
         raise ValueError(f"rho must be > 0 (or inf), got {rho}")
     coords = torch.linspace(-1.0, 1.0, patch_size, dtype=torch.float64)
-    return torch.ones_like(coords) if math.isinf(rho) else torch.exp(-0.5 * (coords / rho) ** 2)
+    if math.isinf(rho):
+        return torch.ones_like(coords)
+    return torch.exp(-0.5 * (coords / rho) ** 2).clamp_min(PROFILE_FLOOR)
 
 
 def patch_window(patch_size: int, rho: float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -58,6 +58,17 @@ def test_fold_of_own_patches_is_identity(rho: float, periodic: bool, band_querie
     torch.testing.assert_close(out, x_t, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rho", [0.1, 0.05, 0.01])
+def test_a_narrow_window_still_folds_every_pixel_back(rho: float) -> None:
+    """The corner pixel is covered by one patch, at its corner: a narrow window's weight there
+    must not underflow (0/0, or a subnormal's few bits) in the fold's division."""
+    window = patch_window(15, rho)
+    assert float(window.min()) >= 1e-30 and bool(torch.isfinite(window).all())
+    x_t = _image(height=31, width=37)
+    out = ImageDenoiser(IdentityPatches(), patch_size=15, rho=rho)(x_t, 0.5, 0.5)
+    torch.testing.assert_close(out, x_t, atol=1e-5, rtol=0)
+
+
 def test_fold_identity_grey_and_patch_size_one() -> None:
     x_t = _image(channels=1, height=9, width=12)
     for size in (1, 3, 9):
