@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 try:  # optional: without numba every kernel's torch path runs
     import numba
@@ -38,6 +41,32 @@ def _configure() -> None:
 
 def available() -> bool:
     return numba is not None
+
+
+_sole = threading.local()
+
+
+@contextmanager
+def sole_task() -> Iterator[None]:
+    """Mark the calling thread as running the only task of its process (an executor that runs one
+    task at a time says so around each task): its kernels may then use numba's parallel pool."""
+    before = getattr(_sole, "active", False)
+    _sole.active = True
+    try:
+        yield
+    finally:
+        _sole.active = before
+
+
+def parallel_kernels() -> bool:
+    """Whether a compiled kernel may run its parallel twin from this thread. numba's workqueue
+    pool must never be entered from two threads at once, so only the main thread may, or a task
+    thread that :func:`sole_task` marks as the only one running (a one-tile scale on the threads
+    scheduler: without this it ran the serial twins on one core of a machine it had to itself);
+    and only with more than one numba thread."""
+    if numba is None or numba.get_num_threads() == 1:
+        return False
+    return threading.current_thread() is threading.main_thread() or getattr(_sole, "active", False)
 
 
 if numba is not None:

@@ -13,11 +13,10 @@ implementation and the CUDA path, and a test holds the two equal.
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
-from gigasid.core.jit import available, numba  # noqa: F401 - available() is this module's API too
+from gigasid.core.jit import available, numba, parallel_kernels  # noqa: F401 - available() is this module's API too
 
 if numba is not None:
 
@@ -263,8 +262,8 @@ class CompiledKnnFold:
         span = grid_h // pieces + 2 + self.patch_size - 1
         buffers = np.zeros((pieces, span * width * channels + self.pad), dtype=np.float64)
         # numba's workqueue layer must not be entered from two threads at once (Dask's threads
-        # scheduler): worker threads and single-thread budgets take the serial twin
-        serial = numba.get_num_threads() == 1 or threading.current_thread() is not threading.main_thread()
+        # scheduler): concurrent task threads and single-thread budgets take the serial twin
+        serial = not parallel_kernels()
         kernel = _fold_serial if serial else _fold_parallel
         kernel(
             source_flat, width * channels, self.reference, self.row_len, self.ref_sq,

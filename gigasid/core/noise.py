@@ -9,12 +9,11 @@ built from the key; two 53-bit uniforms per value go through Box–Muller.
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import torch
 
-from gigasid.core.jit import numba  # the CPU fast path; the torch code below is the reference and CUDA path
+from gigasid.core.jit import numba, parallel_kernels  # the CPU fast path; the torch code below is the reference and CUDA path
 
 _MASK64 = (1 << 64) - 1
 
@@ -83,8 +82,8 @@ def _noise_compiled(seed: int, scale: int, step: int, channels: int, box: tuple[
     row0, col0, row1, col1 = box
     keys = np.array([_stream_key(seed, scale, step, c) for c in range(channels)], dtype=np.int64)
     out = np.empty((channels, row1 - row0, col1 - col0), dtype=np.float32)
-    # numba's workqueue threading layer must not be entered from two threads at once
-    serial = numba.get_num_threads() == 1 or threading.current_thread() is not threading.main_thread()
+    # numba's workqueue threading layer must not be entered from two threads at once (core.jit)
+    serial = not parallel_kernels()
     (_noise_serial if serial else _noise_parallel)(keys.view(np.uint64), row0, col0, out)
     return torch.from_numpy(out)
 

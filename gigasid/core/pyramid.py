@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 
 import numpy as np
 import torch
 
-from gigasid.core.jit import numba  # resample_axis's CPU fast path; torch is the reference and CUDA path
+from gigasid.core.jit import numba, parallel_kernels  # resample_axis's CPU fast path; torch is the reference and CUDA path
 from gigasid.core.patches import Periodic, periodic_axes
 
 CUBIC_SUPPORT = 2.0  # Keys' cubic is non-zero on (-2, 2)
@@ -210,7 +209,7 @@ def _resample_compiled(image: torch.Tensor, axis: int, local: torch.Tensor, weig
     after = math.prod(shape[axis + 1 :])
     source = work.reshape(before, shape[axis], after).numpy()
     out = np.empty((before, local.shape[0], after), dtype=np.float32)
-    serial = numba.get_num_threads() == 1 or threading.current_thread() is not threading.main_thread()
+    serial = not parallel_kernels()
     kernel = _taps_serial if serial else _taps_parallel
     kernel(source, np.ascontiguousarray(local.numpy()), np.ascontiguousarray(weights.numpy()), out)
     shape[axis] = local.shape[0]

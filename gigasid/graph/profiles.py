@@ -97,7 +97,10 @@ class LocalExecutor:
         import dask.threaded
         from dask.callbacks import Callback
 
-        dsk = {key: (_graph_task, task, threads, *deps) for key, (task, deps) in graph.items()}
+        # one task at a time (one worker, or a chain such as a one-tile scale): its kernels may
+        # use numba's parallel pool from the worker thread (core.jit.sole_task)
+        sole = min(self.workers, max(1, parallel)) == 1
+        dsk = {key: (_graph_task, task, threads, sole, *deps) for key, (task, deps) in graph.items()}
         with Callback(posttask=lambda key, result, dsk, state, worker: on_done(result)):
             if self.scheduler == "threads":
                 dask.threaded.get(dsk, list(dsk), num_workers=self.workers)
@@ -156,7 +159,9 @@ class DistributedExecutor:
         from distributed import as_completed
 
         threads = self.task_threads(parallel)
-        dsk = {key: (_graph_task, task, threads, *deps) for key, (task, deps) in graph.items()}
+        # workers of one thread run one task at a time (core.jit.sole_task)
+        sole = all(count == 1 for count in self.client.nthreads().values())
+        dsk = {key: (_graph_task, task, threads, sole, *deps) for key, (task, deps) in graph.items()}
         futures = self.client.get(dsk, list(dsk), sync=False)
         try:
             for future in as_completed(futures):
@@ -187,9 +192,15 @@ def _topological(graph: dict[str, tuple]) -> list[str]:
     return order
 
 
-def _graph_task(task: Callable, threads: int | None, *waited):
-    """A graph node: the task (the results it waited on only order it)."""
-    return _with_threads(task, threads)
+def _graph_task(task: Callable, threads: int | None, sole: bool, *waited):
+    """A graph node: the task (the results it waited on only order it); ``sole``: no other task
+    runs in this process meanwhile."""
+    if not sole:
+        return _with_threads(task, threads)
+    from gigasid.core.jit import sole_task
+
+    with sole_task():
+        return _with_threads(task, threads)
 
 
 def _with_threads(fn: Callable, threads: int | None, *args):

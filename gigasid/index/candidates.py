@@ -26,14 +26,13 @@ take their cell's searched candidates shifted by their offset.
 from __future__ import annotations
 
 import functools
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gigasid.core.jit import numba
+from gigasid.core.jit import numba, parallel_kernels
 from gigasid.core.patches import grid_shape, periodic_axes, periodic_pad, unfold_rows
 from gigasid.index.search import IndexKind, build_index, load_index
 
@@ -89,7 +88,7 @@ class PatchFeatures:
         image = image.to(torch.float32).contiguous()
         if _project_rows is not None and image.device.type == "cpu":
             out = np.empty((len(rows) * len(cols), self.dims), dtype=np.float32)
-            serial = numba.get_num_threads() == 1 or threading.current_thread() is not threading.main_thread()
+            serial = not parallel_kernels()
             kernel = _project_rows_serial if serial else _project_rows
             # float32 in one fixed summation order per patch: a tile's crop gets the whole
             # image's bits (a matmul's order depends on its shape, hence the float64 path below)

@@ -34,3 +34,37 @@ def test_numba_set_up_skips_scipy_linalg_and_leaves_it_importable() -> None:
     done = subprocess.run([sys.executable, "-c", CHECK], check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok")
+
+
+def test_a_task_thread_runs_parallel_kernels_only_when_it_runs_alone() -> None:
+    """numba's workqueue pool must not be entered from two threads at once: a task thread of the
+    threads scheduler takes the serial twins unless its executor runs one task at a time (a
+    one-tile scale), and then its kernels use every thread it was given, with the same bits."""
+    import os
+
+    import numba
+    import torch
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    from gigasid.core import pyramid
+    from gigasid.core.jit import parallel_kernels
+    from gigasid.graph.profiles import LocalExecutor, Profile
+
+    image = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(0))
+    expected = pyramid.resample(image, (32, 40))
+
+    def probe():
+        return parallel_kernels(), numba.get_num_threads(), pyramid.resample(image, (32, 40))
+
+    executor = LocalExecutor(Profile(kind="threads", workers=2, compute_threads=2))
+    seen = {}
+    for parallel in (1, 2):
+        got = []
+        executor.run_graph({"a": (probe, []), "b": (probe, ["a"])}, got.append, parallel=parallel)
+        seen[parallel] = [(alone, threads) for alone, threads, _ in got]
+        for _, _, small in got:
+            assert torch.equal(small, expected)
+    assert seen[1] == [(True, 2), (True, 2)]
+    assert seen[2] == [(False, 2), (False, 2)]
+    assert not parallel_kernels() or numba.get_num_threads() > 1  # the main thread keeps its own
