@@ -68,7 +68,7 @@ def worktree(rev: str, work: Path):
 
 def resolved(rev: str) -> str:
     """A revision as its short commit hash (what a result file should name)."""
-    done = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True, check=False)
     return done.stdout.strip() or rev
 
 
@@ -79,7 +79,8 @@ def compare(rev: str, old: Path, repeats: int, work: Path) -> dict:
         run_cli(tree, ["generate", "examples/rocket.png", "-o", str(work / f"warm-{name}.png")])
     for _ in range(repeats):
         for name, tree in trees.items():
-            times[name].append(run_cli(tree, ["generate", "examples/rocket.png", "-o", str(work / f"{name}.png")])["wall_s"])
+            run = run_cli(tree, ["generate", "examples/rocket.png", "-o", str(work / f"{name}.png")])
+            times[name].append(run["wall_s"])
     old_median, new_median = statistics.median(times["old"]), statistics.median(times["new"])
     return {"rev": resolved(rev), "old_s": times["old"], "new_s": times["new"], "old_median_s": old_median,
             "new_median_s": new_median, "new_over_old": new_median / old_median}
@@ -135,9 +136,10 @@ def main() -> None:
                 for side in args.sizes:
                     found = gigapixel_old_vs_new(args.compare, old, args.reference, side, args.gigapixel_repeats, work)
                     results["gigapixel_old_vs_new"].append(found)
+                    cores = {name: [round(run["cores"], 2) for run in found[name]] for name in ("old", "new")}
                     print(f"gigapixel {side}x{side}: old median {found['old_median_s']:.1f} s, new "
                           f"{found['new_median_s']:.1f} s, new/old {found['new_over_old_wall']:.3f}; cores old "
-                          f"{[round(r['cores'], 2) for r in found['old']]}, new {[round(r['cores'], 2) for r in found['new']]}")
+                          f"{cores['old']}, new {cores['new']}")
         elif args.sizes:
             import pyvips
 

@@ -630,7 +630,8 @@ def known_holes(
     clear of it (nothing to copy the hole from)."""
     from gigasid.core.known import known_share, share_hole
 
-    return _scale_cells(config, [share_hole(share) for share in known_share(hole, pixel_shapes)], "the mask leaves", "a smaller mask")
+    holes = [share_hole(share) for share in known_share(hole, pixel_shapes)]
+    return _scale_cells(config, holes, "the mask leaves", "a smaller mask")
 
 
 def excluded_cells(

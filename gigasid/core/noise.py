@@ -13,7 +13,8 @@ import math
 import numpy as np
 import torch
 
-from gigasid.core.jit import numba, parallel_kernels  # the CPU fast path; the torch code below is the reference and CUDA path
+# the CPU fast path; the torch code below is the reference and CUDA path
+from gigasid.core.jit import numba, parallel_kernels
 
 _MASK64 = (1 << 64) - 1
 

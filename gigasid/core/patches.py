@@ -22,7 +22,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 #: the smallest value of a window profile: an image's corner pixel is covered by one patch only,
 #: at that patch's corner, whose weight (the profile's edge value squared, exp(-1/ρ²)) must stay a
 #: normal float32 for the fold's division by the folded window sum: below ρ ≈ 0.11 it would be a

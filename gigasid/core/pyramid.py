@@ -16,7 +16,8 @@ import math
 import numpy as np
 import torch
 
-from gigasid.core.jit import numba, parallel_kernels  # resample_axis's CPU fast path; torch is the reference and CUDA path
+# resample_axis's CPU fast path; torch is the reference and CUDA path
+from gigasid.core.jit import numba, parallel_kernels
 from gigasid.core.patches import Periodic, periodic_axes
 
 CUBIC_SUPPORT = 2.0  # Keys' cubic is non-zero on (-2, 2)
