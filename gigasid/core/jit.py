@@ -62,7 +62,7 @@ def parallel_kernels() -> bool:
     """Whether a compiled kernel may run its parallel twin from this thread. numba's workqueue
     pool must never be entered from two threads at once, so only the main thread may, or a task
     thread that :func:`sole_task` marks as the only one running (a one-tile scale on the threads
-    scheduler: without this it ran the serial twins on one core of a machine it had to itself);
+    scheduler has the machine to itself: the serial twins would leave all but one core idle);
     and only with more than one numba thread."""
     if numba is None or numba.get_num_threads() == 1:
         return False

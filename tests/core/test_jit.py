@@ -59,12 +59,17 @@ def test_a_task_thread_runs_parallel_kernels_only_when_it_runs_alone() -> None:
 
     executor = LocalExecutor(Profile(kind="threads", workers=2, compute_threads=2))
     seen = {}
-    for parallel in (1, 2):
-        got = []
-        executor.run_graph({"a": (probe, []), "b": (probe, ["a"])}, got.append, parallel=parallel)
-        seen[parallel] = [(alone, threads) for alone, threads, _ in got]
-        for _, _, small in got:
-            assert torch.equal(small, expected)
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        for parallel in (1, 2):
+            got = []
+            executor.run_graph({"a": (probe, []), "b": (probe, ["a"])}, got.append, parallel=parallel)
+            seen[parallel] = [(alone, threads) for alone, threads, _ in got]
+            for _, _, small in got:
+                assert torch.equal(small, expected)
+    finally:
+        torch.set_num_threads(torch_threads)
+        numba.set_num_threads(numba_threads)
     assert seen[1] == [(True, 2), (True, 2)]
     assert seen[2] == [(False, 2), (False, 2)]
     assert not parallel_kernels() or numba.get_num_threads() > 1  # the main thread keeps its own
