@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -47,12 +48,6 @@ def read_output(path: Path) -> np.ndarray:
 
         return np.asarray(open_output(path).compute()).transpose(1, 2, 0)
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-def store_cleanup(store: Path) -> None:
-    import shutil
-
-    shutil.rmtree(store, ignore_errors=True)
 
 
 def figures(name, output, reference, known, wall, rss, extra) -> dict:
@@ -122,7 +117,7 @@ def main() -> None:
                                 {"reference": f"{name} at 1280x800", "hole_px": int(hole.sum()),
                                  "hole_detail": round(hole_detail(output, reference, hole), 3)}))
             tiles.append((f"inpaint: {name} 1280x800, elliptic hole", sheet_tile(output, ~hole, 1536)))
-            store_cleanup(store)
+            shutil.rmtree(store, ignore_errors=True)  # the next photo's store
         if args.only in (None, "panorama"):
             reference = np.asarray(Image.open(photo).convert("RGB"))
             height, width = reference.shape[:2]

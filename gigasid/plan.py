@@ -160,10 +160,10 @@ def reference_pyramid(image: torch.Tensor, config: JobConfig, hole: torch.Tensor
     levels = [image]
     for shape in shapes[1:]:
         levels.append(resample(levels[-1], shape))
-    if shares is not None:
+    if shares is not None:  # level 0 is already its known pixels (the share there is 0 or 1)
         from gigasid.core.known import without_hole
 
-        levels = [without_hole(level, share) for level, share in zip(levels, shares)]
+        levels[1:] = [without_hole(level, share) for level, share in zip(levels[1:], shares[1:])]
     return levels
 
 

@@ -116,7 +116,7 @@ def ingest_pyramid(
     if shares is not None:
         from gigasid.core.known import without_hole
 
-        for scale, share in enumerate(shares):
+        for scale, share in enumerate(shares[1:], start=1):  # level 0 is already its known pixels
             level = store.array(f"{name}/{scale}")
             for top in range(0, share.shape[0], rows):
                 band = torch.from_numpy(level[:, top : top + rows])
