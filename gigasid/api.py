@@ -42,13 +42,15 @@ def create_job(
     structure: str | os.PathLike[str] | None = None,
     mask: str | os.PathLike[str] | None = None,
     references: list[str | os.PathLike[str]] | None = None,
+    prompt: str | None = None,
 ) -> Job:
     """Create the store of a new job at ``path`` (``.zarr``) from the reference ``image`` (a file).
 
     The applications' inputs, as the command line's: ``structure`` the layout image of an analogy
     (``--structure``), ``mask`` inpaint's mask image (``--mask``; white = regenerate),
     ``references`` more reference images drawn from with ``image`` (``--ref``); an outpaint's
-    placement is the ``place`` setting (``overrides=["place=left"]``).
+    placement is the ``place`` setting (``overrides=["place=left"]``); ``prompt`` the text a
+    ``text-style`` job restyles toward (``--prompt``).
 
     ``pipeline`` is a preset's name (``gigasid/pipelines``), a YAML file or a JobConfig;
     ``overrides`` are ``"key=value"`` settings as ``--set``; ``size`` is (rows, cols) of the output
@@ -58,12 +60,14 @@ def create_job(
     yet. Nothing is sampled until :meth:`Job.submit`."""
     from gigasid.graph import engine
 
+    settings = None if prompt is None else {"clip": {"prompt": prompt}}
     if isinstance(pipeline, JobConfig):
         config = pipeline
-        if overrides:
-            config = from_mapping(JobConfig, _merge(to_mapping(config), parse_overrides(overrides)))
+        if overrides or settings:
+            tree = _merge(to_mapping(config), parse_overrides(overrides or []))
+            config = from_mapping(JobConfig, _merge(tree, settings or {}))
     else:
-        config = load_pipeline(str(pipeline), overrides)
+        config = load_pipeline(str(pipeline), overrides, settings)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
         raise InputError(f"seed must be an integer between 0 and 2^63 - 1, got {seed!r}")
     if size is not None:

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="--pipeline inpaint: an image of the input's size, white where it is regenerated")
     gen.add_argument("--place", help="--pipeline outpaint: where the input sits on the --size canvas: center "
                      "(default), left, right, top, bottom or X,Y (its top-left pixel); --set place=...")
+    gen.add_argument("--prompt", metavar="TEXT", help="--pipeline text-style: the text the input is restyled "
+                     "toward, e.g. \"Van Gogh style\" (CLIP weights from clip.path; nothing is downloaded)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the first sample, 0 <= N < 2^63")
     gen.add_argument("--samples", type=int, default=1, help="samples per input (seeds seed, seed+1, ...)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -190,7 +192,8 @@ def generate_command(args: argparse.Namespace) -> None:
         raise InputError(f"--tile must be a positive number of pixels, got {args.tile}")
     size = parse_size(args.size) if args.size else None
     sugar = ([f"device={args.device}"] if args.device else []) + ([f"place={args.place}"] if args.place else [])
-    config = load_pipeline(args.pipeline, args.overrides + sugar)
+    config = load_pipeline(args.pipeline, args.overrides + sugar,
+                           None if args.prompt is None else {"clip": {"prompt": args.prompt}})
     from gigasid.core.device import resolve_device
 
     resolve_device(config.device)  # cuda on a machine without one: refused before any work

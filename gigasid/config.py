@@ -97,14 +97,38 @@ class LatentConfig:
 
 
 @dataclass(frozen=True)
+class ClipConfig:
+    """Text-guided style (application ``style``): the CLIP model that scores the output against
+    a prompt, and the paper's guidance rule (DESIGN.md §2; ``core.guidance``)."""
+
+    #: a folder holding a transformers CLIP model (config.json, weights, tokenizer files) or a
+    #: Hugging Face repo id already in the local cache; nothing is downloaded (the paper: ViT-B/32)
+    path: str = "openai/clip-vit-base-patch32"
+    #: the text the output is pushed toward (--prompt), e.g. "Van Gogh style"
+    prompt: str | None = None
+    #: how far the input is DDIM-inverted before the guided sampling brings it back, as the
+    #: fraction of noise σ/(α+σ) (paper's code: 0.3); higher gives the prompt more freedom
+    noise: float = field(default=0.3, metadata=_range(1e-6, 1.0))
+    #: γ, the step along the CLIP gradient, relative to the image's own magnitude; faded with σ_t
+    strength: float = field(default=1.0, metadata=_range(0.0, 100.0))
+    #: λ, the weight of the new clean estimate against the previous step's guided one
+    momentum: float = field(default=0.1, metadata=_range(1e-6, 1.0))
+    #: the fraction of pixels guided at each step: those where the gradient is strongest
+    fill: float = field(default=0.5, metadata=_range(1e-6, 1.0))
+    #: augmented views of the estimate CLIP scores at each step (crops, flips, small turns)
+    views: int = field(default=16, metadata=_range(1, 256))
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """One generation job. Defaults are the paper's pixel-space settings."""
 
-    #: uncond, retarget (coarsest scale = resized input), symmetric, tileable, analogy (coarsest
-    #: scale = the --structure image's layout, finer scales from the input's patches), outpaint
-    #: (the input placed on a larger canvas, the rest generated) or inpaint (--mask regenerated)
+    #: uncond, retarget (coarsest scale = resized input), symmetric, tileable, analogy
+    #: (coarsest scale = the --structure image's layout, finer scales from the input's patches),
+    #: outpaint (the input placed on a larger canvas, the rest generated), inpaint (--mask
+    #: regenerated) or style (the input restyled toward a text --prompt with CLIP guidance)
     application: Literal[
-        "uncond", "retarget", "symmetric", "tileable", "analogy", "outpaint", "inpaint"
+        "uncond", "retarget", "symmetric", "tileable", "analogy", "outpaint", "inpaint", "style"
     ] = "uncond"
     #: flow_linear (paper default) or ve_edm
     noise_schedule: Literal["flow_linear", "ve_edm"] = "flow_linear"
@@ -139,6 +163,8 @@ class JobConfig:
     #: a FAISS GPU index where faiss has one; refused where torch sees no CUDA device) or auto
     #: (cuda where torch sees one, else cpu); see ``core.device``
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    #: text-guided style (application style; ``--prompt``)
+    clip: ClipConfig = field(default_factory=ClipConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
@@ -156,8 +182,22 @@ class JobConfig:
             )
         if self.wrap != "none" and self.application == "symmetric":
             raise ConfigError("wrap with application=symmetric is not supported: a mirror image does not wrap")
-        if self.latent.codec != "pixel" and self.application == "symmetric":
-            raise ConfigError("the symmetric application runs in pixel space: set latent.codec=pixel")
+        if self.latent.codec != "pixel" and self.application in ("symmetric", "style"):
+            raise ConfigError(f"the {self.application} application runs in pixel space: set latent.codec=pixel")
+        if self.application == "style":
+            if not (self.clip.prompt or "").strip():
+                raise ConfigError("application=style needs a prompt: --prompt TEXT (or clip.prompt)")
+            if self.num_scales != 1:
+                raise ConfigError(
+                    f"application=style samples one scale (CLIP guides the whole image at once): set "
+                    f"num_scales=1, got {self.num_scales}"
+                )
+            if self.wrap != "none":
+                raise ConfigError("wrap with application=style is not supported: the output is the input restyled")
+        elif self.clip.prompt is not None:
+            raise ConfigError(
+                f"clip.prompt (--prompt) is for application=style (--pipeline text-style), not {self.application}"
+            )
         if self.latent.codec == "vae" and not self.latent.vae_path:
             raise ConfigError("latent.codec=vae needs latent.vae_path: a diffusers VAE directory or cached repo id")
         if self.latent.decode == "correspondence" and self.latent.codec != "pixel" and self.denoiser.backend != "knn":
@@ -340,8 +380,13 @@ def available_pipelines() -> list[str]:
     return preset_names(PIPELINES_DIR)
 
 
-def load_pipeline(name_or_path: str, overrides: list[str] | None = None) -> JobConfig:
-    """A preset by name (``gigasid/pipelines/NAME.yaml``) or a YAML file path, plus ``key=value`` overrides."""
+def load_pipeline(
+    name_or_path: str, overrides: list[str] | None = None, settings: dict | None = None
+) -> JobConfig:
+    """A preset by name (``gigasid/pipelines/NAME.yaml``) or a YAML file path, plus ``key=value``
+    overrides, plus ``settings`` (a nested mapping whose values are taken as they are, not parsed
+    as YAML: a prompt such as ``yes`` stays text)."""
     data = read_preset(name_or_path, PIPELINES_DIR, "pipeline")
     data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(data, settings or {})
     return from_mapping(JobConfig, data)

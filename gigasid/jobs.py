@@ -78,6 +78,8 @@ class PreparedJob:
     known: tuple | None = None
     #: ``latent.layout=pixel``: the reference's coarsest pixel level, sampled per seed
     layout_level: torch.Tensor | None = None
+    #: the style application: the input, restyled per seed (``plan.style_output``)
+    style_level: torch.Tensor | None = None
 
     def plan(self, seed: int) -> job_plan.JobPlan:
         """The job plan of one sample: one whole-image tile per scale."""
@@ -142,6 +144,8 @@ def prepare(
         shapes = job_plan.structure_shapes(*structure.shape[1:], coarsest)
         layout = job_plan.structure_pyramid(job_plan.match_channels(structure, channels), shapes)[-1]
         fixed = job_plan.structure_coarsest(layout, codec, denoisers[-1], config)
+    elif job_plan.application(config).text_guided:
+        job_plan.check_style_size(pixel_shapes[0], size)
     elif job_plan.application(config).given_coarsest:
         fixed = job_plan.given_coarsest(levels[-1], out_shapes[-1], job_plan.wraps(config))
     layout_level = pixel_levels[-1] if job_plan.pixel_layout(config) else None
@@ -150,6 +154,7 @@ def prepare(
         config, ref_shapes, out_shapes, sampled_channels, denoisers, fixed, setup, codec,
         image if codec is not None else None, tuple(size), pixel_shapes, channels,
         known=None if region is None else (region, levels, mask), layout_level=layout_level,
+        style_level=levels[-1] if job_plan.application(config).text_guided else None,
     )
 
 
@@ -161,6 +166,8 @@ def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
     given = job.fixed_coarsest
     if job.layout_level is not None:
         given = engine.pixel_layout(job.config, seed, job.layout_level, job.output_shapes[-1], job.codec)
+    if job.style_level is not None:
+        given = job_plan.style_output(job.style_level, job.denoisers[-1], job.config, seed)
     store = engine.run_in_memory(
         job.plan(seed), job.denoisers, codec=job.codec, pixel_reference=pixels, given_coarsest=given,
         known=job.known,

@@ -56,6 +56,9 @@ class Application:
     #: the reference placed on a larger canvas (outpaint); "masked", the reference itself outside
     #: a mask, the mask's patches excluded from the candidates (inpaint)
     known_region: str | None = None
+    #: the whole output is the input DDIM-inverted and sampled back with each step's clean
+    #: estimate moved toward a text prompt (``config.clip``; :func:`style_output`), one scale
+    text_guided: bool = False
 
 
 APPLICATIONS: dict[str, Application] = {}
@@ -73,6 +76,7 @@ register_application(Application("tileable", periodic=True))
 register_application(Application("outpaint", known_region="placed"))
 register_application(Application("inpaint", known_region="masked"))
 register_application(Application("analogy", given_coarsest=True, structure=True))
+register_application(Application("style", given_coarsest=True, pixel_only=True, text_guided=True))
 
 
 def application(config: JobConfig) -> Application:
@@ -340,8 +344,7 @@ def structure_coarsest(
     if config.structure_noise == 0.0:
         return x
     alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
-    noise = sigmas / (alphas + sigmas)
-    stop = int(torch.argmin((noise[1:] - config.structure_noise).abs())) + 1  # the step nearest to it
+    stop = inversion_stop(config, config.structure_noise)
     # the structure's own patches, every one (a few hundred at the coarsest scale): exact, float32
     patches = unfold_rows(x.contiguous(), config.patch_size, 0, grid_shape(*x.shape[-2:], config.patch_size)[0])
     own = ImageDenoiser(ExactDenoiser(patches, compute_dtype=torch.float32), patch_size=config.patch_size,
@@ -354,6 +357,62 @@ def structure_coarsest(
     for t in range(stop, 0, -1):  # noise → data with the reference's patches
         alpha, sigma = float(alphas[t]), float(sigmas[t])
         x_hat = denoiser(x, alpha, sigma, step=t)
+        eps_hat = epsilon_from_x_hat(x, x_hat, alpha, sigma)
+        x = step(x_hat, eps_hat, alpha_to=float(alphas[t - 1]), sigma_to=float(sigmas[t - 1]), eta=0.0, noise=None)
+    return x
+
+
+def inversion_stop(config: JobConfig, noise: float) -> int:
+    """The schedule index whose fraction of noise σ/(α+σ) is nearest to ``noise`` (at least 1)."""
+    from gigasid.core.noise_schedule import make_noise_schedule
+
+    alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
+    return int(torch.argmin(((sigmas / (alphas + sigmas))[1:] - noise).abs())) + 1
+
+
+def check_style_size(reference: tuple[int, int], size: tuple[int, int]) -> None:
+    """The style application restyles the input itself: its output has the input's size."""
+    if tuple(size) != tuple(reference):
+        raise InputError(
+            f"text-guided style restyles the input at its own size, {reference[0]}x{reference[1]}; "
+            f"got --size {size[0]}x{size[1]}: leave --size out, or resize the input first"
+        )
+
+
+def style_output(level: torch.Tensor, denoiser: ImageDenoiser, config: JobConfig, seed: int) -> torch.Tensor:
+    """The style application's output, (C, H, W) in [-1, 1]: the input ``level`` DDIM-inverted
+    with its own ``denoiser`` up to ``clip.noise``, then sampled back (η = 0) with every step's
+    clean estimate moved toward ``clip.prompt`` (``core.guidance.guided_estimate``: the paper's
+    update, γ faded by σ_t/σ_start, momentum over the guided estimates). The views CLIP scores are
+    drawn from a generator keyed by (seed, step): deterministic for a seed."""
+    from gigasid.core.guidance import augmented_views, guided_estimate
+    from gigasid.core.noise_schedule import epsilon_from_x_hat, make_noise_schedule, step
+    from gigasid.guidance.clip import load_clip
+
+    if level.shape[0] != 3:
+        raise InputError(f"text-guided style scores RGB images with CLIP; this input has {level.shape[0]} channels")
+    clip = config.clip
+    scorer = load_clip(clip.path, clip.prompt)
+    alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
+    stop = inversion_stop(config, clip.noise)
+    x = float(alphas[1]) * level
+    for t in range(1, stop):  # data → noise with the input's own patches
+        alpha, sigma = float(alphas[t]), float(sigmas[t])
+        x_hat = denoiser(x, alpha, sigma, step=t)
+        x = float(alphas[t + 1]) * x_hat + float(sigmas[t + 1]) * epsilon_from_x_hat(x, x_hat, alpha, sigma)
+    previous = None
+    for t in range(stop, 0, -1):  # noise → data, guided
+        alpha, sigma = float(alphas[t]), float(sigmas[t])
+        x_hat = denoiser(x, alpha, sigma, step=t)
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + t) % (2**63))
+
+        def score(estimate: torch.Tensor, generator=generator) -> torch.Tensor:
+            views = augmented_views((estimate + 1.0) / 2.0, clip.views, scorer.side, generator)
+            return scorer.score(views)
+
+        x_hat = guided_estimate(x_hat, previous, score, strength=clip.strength * sigma / float(sigmas[stop]),
+                                momentum=clip.momentum, fill=clip.fill)
+        previous = x_hat
         eps_hat = epsilon_from_x_hat(x, x_hat, alpha, sigma)
         x = step(x_hat, eps_hat, alpha_to=float(alphas[t - 1]), sigma_to=float(sigmas[t - 1]), eta=0.0, noise=None)
     return x

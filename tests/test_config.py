@@ -178,7 +178,8 @@ def test_parse_overrides() -> None:
 
 @pytest.mark.parametrize("name", available_pipelines())
 def test_every_preset_loads(name: str) -> None:
-    config = load_pipeline(name)
+    # a text-style job is refused without its prompt (tests/test_text_style.py)
+    config = load_pipeline(name, settings={"clip": {"prompt": "Van Gogh style"}} if name == "text-style" else None)
     assert isinstance(config, JobConfig)
     assert config.patch_size % 2 == 1
     assert config.min_short_side >= config.patch_size

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from gigasid.errors import ConfigError, InputError, WeightsNotFoundError
+from gigasid.weights import REPO_ID, cached_folder
 
 __all__ = ["VaeCodec", "load_vae"]
 
@@ -56,10 +56,6 @@ SUPPORTED_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 # closer agreement pass larger halos to :func:`load_vae`; they are remembered in the codec's state.
 ENCODE_HALO = 64  # pixels; a multiple of the factor
 DECODE_HALO = 8  # latent cells
-
-# A Hugging Face repo id: "namespace/name" (one slash, the hub's characters).
-_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
 
 class VaeCodec:
     """A diffusers ``AutoencoderKL`` or ``AutoencoderTiny`` behind the codec contract.
@@ -225,22 +221,8 @@ def _resolve(location: str) -> tuple[Path, str]:
     depend on the working directory); otherwise a repo-id-shaped string is looked up in the hub
     cache (remembered as the repo id).
     """
-    path = Path(location).expanduser()
-    if path.is_dir():
-        return _vae_folder(path), str(path.resolve())
-    if not _REPO_ID.fullmatch(location):
-        raise WeightsNotFoundError(f"no VAE folder at {path.resolve()}. {_how_to_fix(location)}")
-    from huggingface_hub import constants, snapshot_download
-
-    cache = constants.HF_HUB_CACHE  # read now, not at import, so a changed setting is honoured
-    try:
-        snapshot = Path(snapshot_download(location, cache_dir=cache, local_files_only=True))
-    except (OSError, ValueError) as error:  # LocalEntryNotFoundError is an OSError
-        raise WeightsNotFoundError(
-            f"no VAE folder at {path.resolve()}, and repo {location} is not in the Hugging Face"
-            f" cache {cache} (nothing is downloaded). {_how_to_fix(location)}"
-        ) from error
-    return _vae_folder(snapshot), location
+    folder, cached = cached_folder(location, "VAE", _how_to_fix(location))
+    return _vae_folder(folder), location if cached else str(folder.resolve())
 
 
 def _vae_folder(folder: Path) -> Path:
@@ -265,7 +247,7 @@ def _how_to_fix(location: str) -> str:
     from huggingface_hub import constants
 
     # a FLUX repo as the example when the location names no repo
-    repo = location if _REPO_ID.fullmatch(location) else "black-forest-labs/FLUX.1-dev"
+    repo = location if REPO_ID.fullmatch(location) else "black-forest-labs/FLUX.1-dev"
     return (
         f"To fix: on a machine with internet, download it (`hf download {repo} --local-dir DIR`,"
         " with `--include 'vae/*'` for a pipeline repo such as FLUX's) and set latent.vae_path to"

@@ -195,6 +195,8 @@ def create_job(
     if excluded is not None and (hole is not None or job_plan.known_kind(config) is not None):
         raise InputError("several references (--ref) cannot be combined with a known region (outpaint, inpaint)")
     size = tuple(size or job_plan.default_size(height, width, config))
+    if job_plan.application(config).text_guided:
+        job_plan.check_style_size((height, width), size)
     out_shapes = job_plan.output_shapes(pixel_shapes, size, config)
     region = job_plan.known_region(config, (height, width), size, ref_shapes, out_shapes)
     if hole is not None:
@@ -453,6 +455,11 @@ def _write_given_coarsest(store: JobStore) -> None:
     coarsest = len(plan.output_shapes) - 1
     if plan.application.structure:
         values = torch.from_numpy(store.array("structure/given")[...])
+    elif plan.application.text_guided:  # the input restyled, with the scale's stored index
+        level = torch.from_numpy(store.array(f"reference/{coarsest}")[...])
+        index_dir = store.index_dir(coarsest) if plan.config.denoiser.backend == "knn" else None
+        denoiser = job_plan.scale_denoiser(level, plan.config, periodic=plan.periodic, index_dir=index_dir)
+        values = job_plan.style_output(level, denoiser, plan.config, plan.seed)
     elif job_plan.pixel_layout(plan.config):
         from gigasid.codecs import from_state
 
