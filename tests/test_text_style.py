@@ -192,6 +192,12 @@ def test_a_damaged_store_is_checked_and_rewritten_by_resume(tiny_clip, tmp_path,
     assert main(["resume", str(store)]) == 0
     assert np.array_equal(engine.read_output(JobStore.open(store)), expected)
     assert main(["check", str(store)]) == 0
+    # the Python API's prompt makes the same job
+    from gigasid.api import create_job, open_output
+
+    job = create_job(tmp_path / "api.zarr", source, pipeline="text-style", prompt="Van Gogh style", tile=48,
+                     overrides=[f"clip.path={tiny_clip}", *SMALL]).submit("sync").wait()
+    assert np.array_equal(np.asarray(open_output(job.path).compute()), expected)
 
 
 def test_missing_weights_say_where_they_were_looked_for(tmp_path, monkeypatch, capsys) -> None:
