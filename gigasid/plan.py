@@ -336,38 +336,47 @@ def structure_coarsest(
     level (on the output's coarsest pixel grid; encoded with the codec fitted on the reference in
     a latent job) DDIM-inverted with a denoiser of its own patches up to ``structure_noise``,
     then DDIM-sampled back (η = 0) with ``denoiser``, the reference's coarsest: the layout in
-    the reference's colours and patches. Deterministic; departure: the inversion starts from
-    α_1·x_0, without the paper's σ_1·randn (σ_1 = 1e-4 here)."""
-    from gigasid.core.noise_schedule import epsilon_from_x_hat, make_noise_schedule, step
-
+    the reference's colours and patches (:func:`ddim_round_trip`)."""
     x = level if codec is None else encode_level(codec, level)
     if config.structure_noise == 0.0:
         return x
-    alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
-    stop = inversion_stop(config, config.structure_noise)
     # the structure's own patches, every one (a few hundred at the coarsest scale): exact, float32
     patches = unfold_rows(x.contiguous(), config.patch_size, 0, grid_shape(*x.shape[-2:], config.patch_size)[0])
     own = ImageDenoiser(ExactDenoiser(patches, compute_dtype=torch.float32), patch_size=config.patch_size,
                         rho=config.rho, device=resolve_device(config.device))
+    return ddim_round_trip(x, own, denoiser, config, config.structure_noise)
+
+
+def ddim_round_trip(
+    x: torch.Tensor,
+    inverting: ImageDenoiser,
+    sampling: ImageDenoiser,
+    config: JobConfig,
+    noise: float,
+    guide: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``x`` DDIM-inverted with ``inverting`` up to the step of the schedule whose fraction of
+    noise σ/(α+σ) is nearest to ``noise``, then DDIM-sampled back (η = 0) with ``sampling``;
+    ``guide(x_hat, t, start)`` may replace each clean estimate on the way back (text style).
+    Deterministic; departure from the paper's code: the inversion starts from α_1·x_0, without
+    its σ_1·randn (σ_1 = 1e-4 here)."""
+    from gigasid.core.noise_schedule import epsilon_from_x_hat, make_noise_schedule, step
+
+    alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
+    start = int(torch.argmin(((sigmas / (alphas + sigmas))[1:] - noise).abs())) + 1
     x = float(alphas[1]) * x
-    for t in range(1, stop):  # data → noise: each step lands one index noisier
+    for t in range(1, start):  # data → noise: each step lands one index noisier
         alpha, sigma = float(alphas[t]), float(sigmas[t])
-        x_hat = own(x, alpha, sigma, step=t)
+        x_hat = inverting(x, alpha, sigma, step=t)
         x = float(alphas[t + 1]) * x_hat + float(sigmas[t + 1]) * epsilon_from_x_hat(x, x_hat, alpha, sigma)
-    for t in range(stop, 0, -1):  # noise → data with the reference's patches
+    for t in range(start, 0, -1):  # noise → data
         alpha, sigma = float(alphas[t]), float(sigmas[t])
-        x_hat = denoiser(x, alpha, sigma, step=t)
+        x_hat = sampling(x, alpha, sigma, step=t)
+        if guide is not None:
+            x_hat = guide(x_hat, t, start)
         eps_hat = epsilon_from_x_hat(x, x_hat, alpha, sigma)
         x = step(x_hat, eps_hat, alpha_to=float(alphas[t - 1]), sigma_to=float(sigmas[t - 1]), eta=0.0, noise=None)
     return x
-
-
-def inversion_stop(config: JobConfig, noise: float) -> int:
-    """The schedule index whose fraction of noise σ/(α+σ) is nearest to ``noise`` (at least 1)."""
-    from gigasid.core.noise_schedule import make_noise_schedule
-
-    alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
-    return int(torch.argmin(((sigmas / (alphas + sigmas))[1:] - noise).abs())) + 1
 
 
 def check_style_size(reference: tuple[int, int], size: tuple[int, int]) -> None:
@@ -380,42 +389,35 @@ def check_style_size(reference: tuple[int, int], size: tuple[int, int]) -> None:
 
 
 def style_output(level: torch.Tensor, denoiser: ImageDenoiser, config: JobConfig, seed: int) -> torch.Tensor:
-    """The style application's output, (C, H, W) in [-1, 1]: the input ``level`` DDIM-inverted
-    with its own ``denoiser`` up to ``clip.noise``, then sampled back (η = 0) with every step's
-    clean estimate moved toward ``clip.prompt`` (``core.guidance.guided_estimate``: the paper's
-    update, γ faded by σ_t/σ_start, momentum over the guided estimates). The views CLIP scores are
-    drawn from a generator keyed by (seed, step): deterministic for a seed."""
+    """The style application's output, (C, H, W) in [-1, 1]: the input ``level`` inverted with
+    its own ``denoiser`` up to ``clip.noise`` and sampled back (:func:`ddim_round_trip`), every
+    clean estimate on the way back moved toward ``clip.prompt`` (``core.guidance.guided_estimate``:
+    the paper's update, γ faded by σ_t/σ_start, momentum over the guided estimates). The views
+    CLIP scores are drawn from a generator keyed by (seed, step): deterministic for a seed."""
     from gigasid.core.guidance import augmented_views, guided_estimate
-    from gigasid.core.noise_schedule import epsilon_from_x_hat, make_noise_schedule, step
+    from gigasid.core.noise_schedule import make_noise_schedule
     from gigasid.guidance.clip import load_clip
 
     if level.shape[0] != 3:
         raise InputError(f"text-guided style scores RGB images with CLIP; this input has {level.shape[0]} channels")
     clip = config.clip
     scorer = load_clip(clip.path, clip.prompt)
-    alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
-    stop = inversion_stop(config, clip.noise)
-    x = float(alphas[1]) * level
-    for t in range(1, stop):  # data → noise with the input's own patches
-        alpha, sigma = float(alphas[t]), float(sigmas[t])
-        x_hat = denoiser(x, alpha, sigma, step=t)
-        x = float(alphas[t + 1]) * x_hat + float(sigmas[t + 1]) * epsilon_from_x_hat(x, x_hat, alpha, sigma)
-    previous = None
-    for t in range(stop, 0, -1):  # noise → data, guided
-        alpha, sigma = float(alphas[t]), float(sigmas[t])
-        x_hat = denoiser(x, alpha, sigma, step=t)
+    sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)[1]
+    guided: list[torch.Tensor] = []  # the last guided estimate: the momentum's memory
+
+    def guide(x_hat: torch.Tensor, t: int, start: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed((seed * 1_000_003 + t) % (2**63))
 
-        def score(estimate: torch.Tensor, generator=generator) -> torch.Tensor:
-            views = augmented_views((estimate + 1.0) / 2.0, clip.views, scorer.side, generator)
-            return scorer.score(views)
+        def score(estimate: torch.Tensor) -> torch.Tensor:
+            return scorer.score(augmented_views((estimate + 1.0) / 2.0, clip.views, scorer.side, generator))
 
-        x_hat = guided_estimate(x_hat, previous, score, strength=clip.strength * sigma / float(sigmas[stop]),
+        x_hat = guided_estimate(x_hat, guided[-1] if guided else None, score,
+                                strength=clip.strength * float(sigmas[t]) / float(sigmas[start]),
                                 momentum=clip.momentum, fill=clip.fill)
-        previous = x_hat
-        eps_hat = epsilon_from_x_hat(x, x_hat, alpha, sigma)
-        x = step(x_hat, eps_hat, alpha_to=float(alphas[t - 1]), sigma_to=float(sigmas[t - 1]), eta=0.0, noise=None)
-    return x
+        guided[:] = [x_hat]
+        return x_hat
+
+    return ddim_round_trip(level, denoiser, denoiser, config, clip.noise, guide)
 
 
 # --- codecs ----------------------------------------------------------------------------------
