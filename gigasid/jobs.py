@@ -70,7 +70,7 @@ class PreparedJob:
     fixed_coarsest: torch.Tensor | None
     setup_seconds: list[float] = field(default_factory=list)  # per scale, finest first
     codec: Codec | None = None  # None: the job samples pixels
-    pixel_reference: torch.Tensor | None = None  # the finest pixel level (correspondence decode)
+    pixel_reference: torch.Tensor | None = None  # the finest pixel level (correspondence decode, text style)
     size: tuple[int, int] | None = None  # the pixel output (H, W)
     pixel_shapes: list[tuple[int, int]] = field(default_factory=list)
     image_channels: int = 3
@@ -78,8 +78,6 @@ class PreparedJob:
     known: tuple | None = None
     #: ``latent.layout=pixel``: the reference's coarsest pixel level, sampled per seed
     layout_level: torch.Tensor | None = None
-    #: the style application: the input, restyled per seed (``plan.style_output``)
-    style_level: torch.Tensor | None = None
 
     def plan(self, seed: int) -> job_plan.JobPlan:
         """The job plan of one sample: one whole-image tile per scale."""
@@ -152,9 +150,9 @@ def prepare(
     sampled_channels = channels if codec is None else codec.channels
     return PreparedJob(
         config, ref_shapes, out_shapes, sampled_channels, denoisers, fixed, setup, codec,
-        image if codec is not None else None, tuple(size), pixel_shapes, channels,
+        image if codec is not None or job_plan.application(config).text_guided else None, tuple(size),
+        pixel_shapes, channels,
         known=None if region is None else (region, levels, mask), layout_level=layout_level,
-        style_level=levels[-1] if job_plan.application(config).text_guided else None,
     )
 
 
@@ -166,8 +164,6 @@ def run(job: PreparedJob, *, seed: int, on_scale=None) -> SampleResult:
     given = job.fixed_coarsest
     if job.layout_level is not None:
         given = engine.pixel_layout(job.config, seed, job.layout_level, job.output_shapes[-1], job.codec)
-    if job.style_level is not None:
-        given = job_plan.style_output(job.style_level, job.denoisers[-1], job.config, seed)
     store = engine.run_in_memory(
         job.plan(seed), job.denoisers, codec=job.codec, pixel_reference=pixels, given_coarsest=given,
         known=job.known,

@@ -57,7 +57,7 @@ class Application:
     #: a mask, the mask's patches excluded from the candidates (inpaint)
     known_region: str | None = None
     #: the whole output is the input DDIM-inverted and sampled back with each step's clean
-    #: estimate moved toward a text prompt (``config.clip``; :func:`style_output`), one scale
+    #: estimate moved toward a text prompt (``config.clip``; :func:`style_trip`), one scale
     text_guided: bool = False
 
 
@@ -336,7 +336,7 @@ def structure_coarsest(
     level (on the output's coarsest pixel grid; encoded with the codec fitted on the reference in
     a latent job) DDIM-inverted with a denoiser of its own patches up to ``structure_noise``,
     then DDIM-sampled back (η = 0) with ``denoiser``, the reference's coarsest: the layout in
-    the reference's colours and patches (:func:`ddim_round_trip`)."""
+    the reference's colours and patches (:class:`RoundTrip`)."""
     x = level if codec is None else encode_level(codec, level)
     if config.structure_noise == 0.0:
         return x
@@ -344,38 +344,74 @@ def structure_coarsest(
     patches = unfold_rows(x.contiguous(), config.patch_size, 0, grid_shape(*x.shape[-2:], config.patch_size)[0])
     own = ImageDenoiser(ExactDenoiser(patches, compute_dtype=torch.float32), patch_size=config.patch_size,
                         rho=config.rho, device=resolve_device(config.device))
-    return ddim_round_trip(x, own, denoiser, config, config.structure_noise)
+    return ddim_round_trip(x, round_trip(own, denoiser, config, config.structure_noise))
 
 
-def ddim_round_trip(
-    x: torch.Tensor,
-    inverting: ImageDenoiser,
-    sampling: ImageDenoiser,
-    config: JobConfig,
-    noise: float,
-    guide: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``x`` DDIM-inverted with ``inverting`` up to the step of the schedule whose fraction of
-    noise σ/(α+σ) is nearest to ``noise``, then DDIM-sampled back (η = 0) with ``sampling``;
-    ``guide(x_hat, t, start)`` may replace each clean estimate on the way back (text style).
-    Deterministic; departure from the paper's code: the inversion starts from α_1·x_0, without
-    its σ_1·randn (σ_1 = 1e-4 here)."""
-    from gigasid.core.noise_schedule import epsilon_from_x_hat, make_noise_schedule, step
+@dataclass
+class RoundTrip:
+    """DDIM inversion up to schedule index ``start`` and the way back (η = 0), as ``steps``
+    single steps, so that a job can keep its state between them: ``begin`` gives the first x,
+    ``advance(k, x, memory)`` does step k (0-based) and returns the next (x, memory). Steps
+    0 … start−2 invert with ``inverting`` (each lands one index noisier); steps start−1 … 2·start−2
+    sample back with ``sampling`` from index start to 0, where ``guide(x_hat, t, start, memory)``
+    may replace each clean estimate (text style); ``memory`` is the last guided estimate (None
+    before the first). Deterministic; departure from the paper's code: the inversion starts from
+    α_1·x_0, without its σ_1·randn (σ_1 = 1e-4 here)."""
+
+    inverting: ImageDenoiser
+    sampling: ImageDenoiser
+    alphas: torch.Tensor
+    sigmas: torch.Tensor
+    start: int
+    guide: Callable | None = None
+
+    @property
+    def steps(self) -> int:
+        return 2 * self.start - 1
+
+    def begin(self, x0: torch.Tensor) -> torch.Tensor:
+        return float(self.alphas[1]) * x0
+
+    def remembers(self, done: int) -> bool:
+        """Whether the state after ``done`` steps holds a guided estimate."""
+        return self.guide is not None and done >= self.start
+
+    def advance(self, k: int, x: torch.Tensor, memory: torch.Tensor | None):
+        from gigasid.core.noise_schedule import epsilon_from_x_hat, step
+
+        if k < self.start - 1:  # data → noise
+            t = k + 1
+            alpha, sigma = float(self.alphas[t]), float(self.sigmas[t])
+            x_hat = self.inverting(x, alpha, sigma, step=t)
+            eps_hat = epsilon_from_x_hat(x, x_hat, alpha, sigma)
+            return float(self.alphas[t + 1]) * x_hat + float(self.sigmas[t + 1]) * eps_hat, memory
+        t = self.steps - k  # noise → data: start, start − 1, …, 1
+        alpha, sigma = float(self.alphas[t]), float(self.sigmas[t])
+        x_hat = self.sampling(x, alpha, sigma, step=t)
+        if self.guide is not None:
+            x_hat = memory = self.guide(x_hat, t, self.start, memory)
+        eps_hat = epsilon_from_x_hat(x, x_hat, alpha, sigma)
+        to = float(self.alphas[t - 1]), float(self.sigmas[t - 1])
+        return step(x_hat, eps_hat, alpha_to=to[0], sigma_to=to[1], eta=0.0, noise=None), memory
+
+
+def round_trip(
+    inverting: ImageDenoiser, sampling: ImageDenoiser, config: JobConfig, noise: float, guide: Callable | None = None
+) -> RoundTrip:
+    """The :class:`RoundTrip` of ``config``'s schedule whose turning point is the index with the
+    fraction of noise σ/(α+σ) nearest to ``noise``."""
+    from gigasid.core.noise_schedule import make_noise_schedule
 
     alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
     start = int(torch.argmin(((sigmas / (alphas + sigmas))[1:] - noise).abs())) + 1
-    x = float(alphas[1]) * x
-    for t in range(1, start):  # data → noise: each step lands one index noisier
-        alpha, sigma = float(alphas[t]), float(sigmas[t])
-        x_hat = inverting(x, alpha, sigma, step=t)
-        x = float(alphas[t + 1]) * x_hat + float(sigmas[t + 1]) * epsilon_from_x_hat(x, x_hat, alpha, sigma)
-    for t in range(start, 0, -1):  # noise → data
-        alpha, sigma = float(alphas[t]), float(sigmas[t])
-        x_hat = sampling(x, alpha, sigma, step=t)
-        if guide is not None:
-            x_hat = guide(x_hat, t, start)
-        eps_hat = epsilon_from_x_hat(x, x_hat, alpha, sigma)
-        x = step(x_hat, eps_hat, alpha_to=float(alphas[t - 1]), sigma_to=float(sigmas[t - 1]), eta=0.0, noise=None)
+    return RoundTrip(inverting, sampling, alphas, sigmas, start, guide)
+
+
+def ddim_round_trip(x: torch.Tensor, trip: RoundTrip) -> torch.Tensor:
+    """``x`` taken through every step of ``trip``."""
+    x, memory = trip.begin(x), None
+    for k in range(trip.steps):
+        x, memory = trip.advance(k, x, memory)
     return x
 
 
@@ -388,12 +424,12 @@ def check_style_size(reference: tuple[int, int], size: tuple[int, int]) -> None:
         )
 
 
-def style_output(level: torch.Tensor, denoiser: ImageDenoiser, config: JobConfig, seed: int) -> torch.Tensor:
-    """The style application's output, (C, H, W) in [-1, 1]: the input ``level`` inverted with
-    its own ``denoiser`` up to ``clip.noise`` and sampled back (:func:`ddim_round_trip`), every
-    clean estimate on the way back moved toward ``clip.prompt`` (``core.guidance.guided_estimate``:
-    the paper's update, γ faded by σ_t/σ_start, momentum over the guided estimates). The views
-    CLIP scores are drawn from a generator keyed by (seed, step): deterministic for a seed."""
+def style_trip(level: torch.Tensor, denoiser: ImageDenoiser, config: JobConfig, seed: int) -> RoundTrip:
+    """The style application's trajectory (:class:`RoundTrip`): the input ``level`` inverted with
+    its own ``denoiser`` up to ``clip.noise`` and sampled back, every clean estimate on the way
+    back moved toward ``clip.prompt`` (``core.guidance.guided_estimate``: the paper's update, γ
+    faded by σ_t/σ_start, momentum over the guided estimates). The views CLIP scores are drawn
+    from a generator keyed by (seed, step): deterministic for a seed."""
     from gigasid.core.guidance import augmented_views, guided_estimate
     from gigasid.core.noise_schedule import make_noise_schedule
     from gigasid.guidance.clip import load_clip
@@ -403,21 +439,17 @@ def style_output(level: torch.Tensor, denoiser: ImageDenoiser, config: JobConfig
     clip = config.clip
     scorer = load_clip(clip.path, clip.prompt)
     sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)[1]
-    guided: list[torch.Tensor] = []  # the last guided estimate: the momentum's memory
 
-    def guide(x_hat: torch.Tensor, t: int, start: int) -> torch.Tensor:
+    def guide(x_hat: torch.Tensor, t: int, start: int, memory: torch.Tensor | None) -> torch.Tensor:
         generator = torch.Generator().manual_seed((seed * 1_000_003 + t) % (2**63))
 
         def score(estimate: torch.Tensor) -> torch.Tensor:
             return scorer.score(augmented_views((estimate + 1.0) / 2.0, clip.views, scorer.side, generator))
 
-        x_hat = guided_estimate(x_hat, guided[-1] if guided else None, score,
-                                strength=clip.strength * float(sigmas[t]) / float(sigmas[start]),
-                                momentum=clip.momentum, fill=clip.fill)
-        guided[:] = [x_hat]
-        return x_hat
+        return guided_estimate(x_hat, memory, score, strength=clip.strength * float(sigmas[t]) / float(sigmas[start]),
+                               momentum=clip.momentum, fill=clip.fill)
 
-    return ddim_round_trip(level, denoiser, denoiser, config, clip.noise, guide)
+    return round_trip(denoiser, denoiser, config, clip.noise, guide)
 
 
 # --- codecs ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Text-guided style (issue 14): the input inverted and sampled back with each clean estimate moved
-along a CLIP similarity's gradient (``core.guidance``, ``guidance.clip``, ``plan.style_output``).
+along a CLIP similarity's gradient (``core.guidance``, ``guidance.clip``, ``plan.style_trip``, ``graph.engine.run_style``).
 
 End to end on a tiny randomly initialised CLIP (two layers, 32-px views) saved with a hand-made
 byte-level tokenizer, because no weights can be downloaded here or in CI: the prompt changes the
@@ -11,6 +11,10 @@ against a direct numpy computation on a score whose gradient is known.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +202,34 @@ def test_a_damaged_store_is_checked_and_rewritten_by_resume(tiny_clip, tmp_path,
     job = create_job(tmp_path / "api.zarr", source, pipeline="text-style", prompt="Van Gogh style", tile=48,
                      overrides=[f"clip.path={tiny_clip}", *SMALL]).submit("sync").wait()
     assert np.array_equal(np.asarray(open_output(job.path).compute()), expected)
+
+
+def test_a_killed_job_resumes_to_the_same_pixels(tiny_clip, tmp_path) -> None:
+    source = tmp_path / "in.png"
+    Image.open(ROCKET).convert("RGB").crop((60, 40, 156, 112)).save(source)
+    # the full 200-step schedule: 119 steps, each kept in the store
+    args = ["--pipeline", "text-style", "--prompt", "Van Gogh style", "--set", f"clip.path={tiny_clip}",
+            "--set", "clip.views=4", "--tile", "48", "--scheduler", "sync"]
+    finished = tmp_path / "finished.zarr"
+    assert main(["generate", str(source), "-o", str(finished), *args]) == 0
+    expected = engine.read_output(JobStore.open(finished))
+    killed = tmp_path / "killed.zarr"
+    process = subprocess.Popen([sys.executable, "-m", "gigasid.cli", "generate", str(source), "-o", str(killed),
+                                *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    kept = killed / "style" / "x" / "c" / "1" / "0" / "0" / "0"  # the first step's state
+    while not kept.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.3)  # a few steps more
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    manifest = JobStore.open(killed).manifest
+    assert manifest["status"] != "complete", "the kill landed after the job"
+    assert 0 < manifest.get("style_steps", 0) < 119
+    done = subprocess.run([sys.executable, "-m", "gigasid.cli", "resume", str(killed)], capture_output=True,
+                          text=True, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(engine.read_output(JobStore.open(killed)), expected)
 
 
 def test_missing_weights_say_where_they_were_looked_for(tmp_path, monkeypatch, capsys) -> None:

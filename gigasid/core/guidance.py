@@ -15,7 +15,7 @@ each flipped, turned and shifted a little, its colours jittered), differentiable
 ``torch.Generator``: the same seed gives the same views.
 
 Pure torch. What it is not: the CLIP model (``gigasid.guidance`` loads one and turns views into a
-score) or the sampling loop (``plan.style_output``).
+score) or the sampling loop (``plan.style_trip``, stepped by ``graph.engine.run_style``).
 """
 
 from __future__ import annotations

@@ -317,7 +317,8 @@ def _build_job(
         setup["structure"] = time.perf_counter() - started
     store.update_manifest(setup_timings=setup)
     create_buffers(store, JobPlan.from_manifest(store.manifest), output_dtype="uint8")
-    if job_plan.gives_coarsest(config):  # the coarsest scale is given, not sampled
+    if job_plan.gives_coarsest(config) and not job_plan.application(config).text_guided:
+        # the coarsest scale is given, not sampled (text style's is computed by `execute`, step by step)
         started = time.perf_counter()
         _write_given_coarsest(store)
         setup["coarsest"] = time.perf_counter() - started
@@ -350,6 +351,58 @@ def create_buffers(store: JobStore, plan: JobPlan, *, output_dtype: str) -> None
     store.create_array("output", (plan.image_channels, height, width), chunks, output_dtype)
     grid = (len(tile_ranges(height, out_tile)), len(tile_ranges(width, out_tile)))
     store.create_array("output_done", grid, grid, "uint8")
+    if plan.application.text_guided:  # its trajectory's state, two slots (see run_style)
+        shape = (2, channels, *plan.output_shapes[0])
+        for name in ("x", "memory"):
+            store.create_array(f"style/{name}", shape, (1, *shape[1:]), "float32")
+
+
+def run_style(store: JobStore, progress: Progress | None = None) -> None:
+    """Text style's one scale (``plan.style_trip``), continued from the last step the store
+    kept: after each step its state (x and the last guided estimate) is written to the slot
+    ``style/*[(k + 1) % 2]`` and only then ``style_steps`` = k + 1 to the manifest, so a kill
+    leaves the previous slot whole and ``resume`` goes on from it, value for value. Writes
+    ``scales/0/final`` and marks the scale done.
+
+    It runs alone, in the driver, with torch's threads pinned to the machine's cores for its
+    duration: CLIP's reductions depend on torch's thread count, which executors change for their
+    tasks, so pinning it makes a job, its in-memory twin and a resumed job give the same values
+    on one machine (a resume on a machine of another core count may differ in the last bits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        _run_style(store, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_style(store: JobStore, progress: Progress | None) -> None:
+    path = str(store.path)
+    plan = tasks.plan_of(path)
+    level = torch.from_numpy(np.ascontiguousarray(tasks.finest_reference(path)))
+    trip = job_plan.style_trip(level, tasks.scale_stepper(path, 0).denoiser, plan.config, plan.seed)
+    done = int(store.manifest.get("style_steps", 0))
+    if done == 0:
+        x, memory = trip.begin(level), None
+    else:
+        x = torch.from_numpy(store.array("style/x")[done % 2])
+        memory = torch.from_numpy(store.array("style/memory")[done % 2]) if trip.remembers(done) else None
+    if progress is not None:
+        progress.start(f"style ({trip.steps} steps)", trip.steps, done)
+    started = time.perf_counter()
+    for k in range(done, trip.steps):
+        x, memory = trip.advance(k, x, memory)
+        store.array("style/x")[(k + 1) % 2] = x.numpy()
+        if memory is not None:
+            store.array("style/memory")[(k + 1) % 2] = memory.numpy()
+        store.update_manifest(style_steps=k + 1)
+        if progress is not None:
+            progress.tick()
+    store.array("scales/0/final")[...] = x.numpy()
+    timings = store.manifest["timings"]
+    timings["0"] = timings.get("0", 0.0) + time.perf_counter() - started
+    scales_done = [s for s in store.manifest["scales_done"] if s != 0] + [0]
+    store.update_manifest(scales_done=scales_done, timings=timings)
 
 
 def _read_dataset(store: JobStore):
@@ -455,11 +508,10 @@ def _write_given_coarsest(store: JobStore) -> None:
     coarsest = len(plan.output_shapes) - 1
     if plan.application.structure:
         values = torch.from_numpy(store.array("structure/given")[...])
-    elif plan.application.text_guided:  # the input restyled, with the scale's stored index
-        level = torch.from_numpy(store.array(f"reference/{coarsest}")[...])
-        index_dir = store.index_dir(coarsest) if plan.config.denoiser.backend == "knn" else None
-        denoiser = job_plan.scale_denoiser(level, plan.config, periodic=plan.periodic, index_dir=index_dir)
-        values = job_plan.style_output(level, denoiser, plan.config, plan.seed)
+    elif plan.application.text_guided:  # its kept state may be what was damaged: from the start
+        store.update_manifest(style_steps=0)
+        run_style(store)
+        return
     elif job_plan.pixel_layout(plan.config):
         from gigasid.codecs import from_state
 
@@ -677,6 +729,9 @@ def _execute(store: JobStore, executor, progress: Progress) -> None:
     steps = plan.config.num_steps
     for scale in reversed(range(len(plan.output_shapes))):
         if scale in store.manifest["scales_done"]:
+            continue
+        if plan.application.text_guided:  # one scale, stepped whole (CLIP sees the whole image)
+            run_style(store, progress)
             continue
         started = time.perf_counter()
         computing = [0.0]

@@ -49,7 +49,7 @@ class MemoryJob:
     store: JobStore
     denoisers: list[ImageDenoiser]
     codec: Codec | None = None
-    pixel_reference: np.ndarray | None = None  # the finest pixel level, for the correspondence decode
+    pixel_reference: np.ndarray | None = None  # the finest pixel level (correspondence decode, text style)
 
 
 _MEMORY: dict[str, MemoryJob] = {}
@@ -261,6 +261,12 @@ def _finest_reference(path: str, factor: int) -> np.ndarray:
         return pad_reference(pixels, factor)
 
     return _cached(("reference", path), build)
+
+
+def finest_reference(path: str) -> np.ndarray:
+    """The reference's finest pixels, whole (model space): text style's input."""
+    memory = _MEMORY.get(path)
+    return memory.pixel_reference if memory is not None else open_store(path).array("reference/0")[...]
 
 
 def _reference_pixels(path: str, box: Box) -> np.ndarray:

@@ -9,7 +9,7 @@ the prompt once (the mean of a few phrasings around it) and scores a batch of vi
 ``core.guidance.augmented_views``) by their mean cosine similarity to it, differentiably.
 
 What it is not: a downloader, the guidance rule (``core.guidance``) or the sampling loop
-(``plan.style_output``). transformers is imported here only, so that no other job pays for it.
+(``plan.style_trip``). transformers is imported here only, so that no other job pays for it.
 """
 
 from __future__ import annotations
