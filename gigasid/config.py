@@ -99,7 +99,7 @@ class LatentConfig:
 @dataclass(frozen=True)
 class ClipConfig:
     """Text-guided style (application ``style``): the CLIP model that scores the output against
-    a prompt, and the paper's guidance rule (DESIGN.md §2; ``core.guidance``)."""
+    a prompt, and the paper's guidance rule (``core.guidance``)."""
 
     #: a folder holding a transformers CLIP model (config.json, weights, tokenizer files) or a
     #: Hugging Face repo id already in the local cache; nothing is downloaded (the paper: ViT-B/32)
