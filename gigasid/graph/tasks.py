@@ -254,17 +254,12 @@ def _codec(path: str) -> Codec:
 def _finest_reference(path: str, factor: int) -> np.ndarray:
     """The reference's finest pixels, read and padded once per worker (the correspondence
     decode's source)."""
-    memory = _MEMORY.get(path)
-
-    def build():
-        pixels = memory.pixel_reference if memory is not None else open_store(path).array("reference/0")[...]
-        return pad_reference(pixels, factor)
-
-    return _cached(("reference", path), build)
+    return _cached(("reference", path), lambda: pad_reference(finest_reference(path), factor))
 
 
 def finest_reference(path: str) -> np.ndarray:
-    """The reference's finest pixels, whole (model space): text style's input."""
+    """The reference's finest pixels, whole (model space): the correspondence decode's source, text
+    style's input."""
     memory = _MEMORY.get(path)
     return memory.pixel_reference if memory is not None else open_store(path).array("reference/0")[...]
 
