@@ -190,10 +190,12 @@ def pad_reference(reference: np.ndarray, factor: int) -> np.ndarray:
     """The finest pixel level (C, H, W) as the fold reads it: (H', W', C) float32, padded with edge
     pixels to whole cells (as a partial last block encodes), so every matched patch lies inside.
     Make it once per reference and pass it to :func:`fold_matches` for every box."""
-    _, height, width = reference.shape
-    rows = np.minimum(np.arange(-(-height // factor) * factor), height - 1)
-    cols = np.minimum(np.arange(-(-width // factor) * factor), width - 1)
-    return np.ascontiguousarray(reference[:, rows][:, :, cols].transpose(1, 2, 0), dtype=np.float32)
+    channels, height, width = reference.shape
+    padded = np.empty((-(-height // factor) * factor, -(-width // factor) * factor, channels), dtype=np.float32)
+    padded[:height, :width] = reference.transpose(1, 2, 0)  # one copy, no index arrays
+    padded[:height, width:] = padded[:height, width - 1 : width]
+    padded[height:] = padded[height - 1 : height]
+    return padded
 
 
 def fold_matches(

@@ -173,31 +173,46 @@ if numba is not None:
             for j in range(count):
                 out[query, slots[j]] = np.float32(weights[j])
 
-    @numba.njit(nogil=True, cache=True)
-    def _merge(canvas, buffers, bounds, size):
-        """Pieces overlap by P-1 rows: add them in a fixed order, so the result is deterministic."""
-        height, row_len = canvas.shape
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _merge_row(canvas, buffers, bounds, size, y, total):
+        """Canvas row ``y`` of every channel (canvas (C, H, W)) plus the pieces' sums there.
+        Pieces overlap by P-1 rows: they are added in piece order into ``total`` (zeroed first),
+        then ``total`` to the canvas, so every pixel's sum is the same in any row order."""
+        channels, height, width = canvas.shape
+        row_len = width * channels
+        total[:] = 0.0
         for piece in range(buffers.shape[0]):
             start = bounds[piece]
             rows = min(bounds[piece + 1] - start + size - 1, height - start)
-            canvas[start : start + rows] += buffers[piece, : rows * row_len].reshape((rows, row_len))
+            if start <= y < start + rows:
+                offset = (y - start) * row_len
+                for i in range(row_len):
+                    total[i] += buffers[piece, offset + i]
+        for x in range(width):  # (W, C) → (C, W): the canvas is channel-first
+            for c in range(channels):
+                canvas[c, y, x] += total[x * channels + c]
 
     @numba.njit(nogil=True, parallel=True, cache=True)
     def _fold_parallel(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
                        grid_h, grid_w, run, canvas, bounds, buffers):
+        row_len = canvas.shape[2] * canvas.shape[0]
         for piece in numba.prange(len(bounds) - 1):
             _fold_rows(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
-                       bounds[piece], bounds[piece + 1], grid_w, run, buffers[piece], canvas.shape[1])
-        _merge(canvas, buffers, bounds, window.shape[0])
+                       bounds[piece], bounds[piece + 1], grid_w, run, buffers[piece], row_len)
+        for y in numba.prange(canvas.shape[1]):
+            _merge_row(canvas, buffers, bounds, window.shape[0], y, np.empty(row_len, dtype=np.float64))
 
     @numba.njit(nogil=True, cache=True)
     def _fold_serial(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
                      grid_h, grid_w, run, canvas, bounds, buffers):
-        # the same pieces in the same order as _fold_parallel: the same sums, bit for bit
+        # the same pieces and the same per-pixel sums as _fold_parallel: the same bits
+        row_len = canvas.shape[2] * canvas.shape[0]
         for piece in range(len(bounds) - 1):
             _fold_rows(source, src_w, reference, ref_w, ref_sq, candidates, window, mean, alpha, sigma,
-                       bounds[piece], bounds[piece + 1], grid_w, run, buffers[piece], canvas.shape[1])
-        _merge(canvas, buffers, bounds, window.shape[0])
+                       bounds[piece], bounds[piece + 1], grid_w, run, buffers[piece], row_len)
+        total = np.empty(row_len, dtype=np.float64)
+        for y in range(canvas.shape[1]):
+            _merge_row(canvas, buffers, bounds, window.shape[0], y, total)
 
 
 LANE_FLOATS = 16  # patch rows are read in whole registers: one AVX-512 register, two AVX2 ones
@@ -254,7 +269,8 @@ class CompiledKnnFold:
         height, width = canvas.shape[1:]
         # float64 accumulation: a pixel's sum must not depend on where the kernel split the rows
         # between threads (nor on the crop a tile passes), or near-tied candidates flip later
-        canvas_hwc = np.zeros((height, width * channels), dtype=np.float64)
+        if canvas.dtype != np.float64 or not canvas.flags.c_contiguous:
+            raise ValueError("the compiled fold adds into a C-contiguous float64 canvas")
         # a fixed number of row pieces (not one per thread): the split, and so every sum, is the
         # same whatever the thread count
         pieces = max(1, min(grid_h, 8))
@@ -267,10 +283,9 @@ class CompiledKnnFold:
         kernel = _fold_serial if serial else _fold_parallel
         kernel(
             source_flat, width * channels, self.reference, self.row_len, self.ref_sq,
-            candidates, window_runs, self.mean, float(alpha), float(sigma), grid_h, grid_w, self.run, canvas_hwc,
+            candidates, window_runs, self.mean, float(alpha), float(sigma), grid_h, grid_w, self.run, canvas,
             bounds, buffers,
         )
-        canvas += canvas_hwc.reshape(height, width, channels).transpose(2, 0, 1)
 
     def weights(self, source, candidates, alpha, sigma, grid_h, grid_w) -> np.ndarray:
         """(grid_h·grid_w, k) float32 softmax weights of ``candidates`` for the patches of

@@ -334,8 +334,9 @@ def create_buffers(store: JobStore, plan: JobPlan, *, output_dtype: str) -> None
     tile, channels, steps = plan.tile, plan.channels, plan.config.num_steps
     for scale, (height, width) in enumerate(plan.output_shapes):
         chunks = (channels, min(tile, height), min(tile, width))
-        for name in ("x0", "x1", "final"):
-            store.create_array(f"scales/{scale}/{name}", (channels, height, width), chunks, "float32")
+        for name in ("x0", "x1"):  # noisy until the last steps: not worth compressing
+            store.create_array(f"scales/{scale}/{name}", (channels, height, width), chunks, "float32", compress=False)
+        store.create_array(f"scales/{scale}/final", (channels, height, width), chunks, "float32")
         grid = (len(tile_ranges(height, tile)), len(tile_ranges(width, tile)))
         store.create_array(f"scales/{scale}/done", (steps + 1, *grid), (1, *grid), "uint8")
     if plan.correspondence:

@@ -56,6 +56,7 @@ _MEMORY: dict[str, MemoryJob] = {}
 _CACHE: OrderedDict = OrderedDict()  # (what, key, ...) → opened store / stepper / codec / reference
 _CACHE_SIZE = 24
 _LOCK = threading.Lock()
+_BUILDING: dict[tuple, threading.Lock] = {}  # entry → held while one thread builds it
 
 
 def register_memory_job(job: MemoryJob) -> str:
@@ -74,15 +75,29 @@ def forget(key: str, *, keep_memory_job: bool = False) -> None:
 
 
 def _cached(entry: tuple, build):
+    """``build()``'s value, made once per process: a thread that asks while another builds the
+    same entry waits for it (two output tiles would otherwise both read the whole reference)."""
     with _LOCK:
         if entry in _CACHE:
             _CACHE.move_to_end(entry)
             return _CACHE[entry]
-    value = build()
-    with _LOCK:
-        _CACHE[entry] = value
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        building = _BUILDING.setdefault(entry, threading.Lock())
+    with building:
+        with _LOCK:
+            if entry in _CACHE:
+                _CACHE.move_to_end(entry)
+                return _CACHE[entry]
+        try:
+            value = build()
+        except BaseException:
+            with _LOCK:
+                _BUILDING.pop(entry, None)
+            raise
+        with _LOCK:
+            _CACHE[entry] = value
+            _BUILDING.pop(entry, None)
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
     return value
 
 

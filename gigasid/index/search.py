@@ -9,6 +9,7 @@ Nothing here is patch-specific.
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal, Protocol
 
 import numpy as np
@@ -31,6 +32,11 @@ TRAIN_MIN = 10_000
 # the training time (the largest part of preparing a small job's index)
 TRAIN_ITERATIONS = 10
 AUTO_PQ_FROM = 2_000_000
+# an index file from this size on is memory-mapped (shared by a machine's worker processes), below
+# it read into memory: FAISS scans mapped lists through its on-disk list type, which prefetches
+# every probed list in helper threads at each search (measured on 224 436 vectors of 32 dims,
+# 64 009 queries, nprobe 4: 0.64 s mapped, 0.45 s read)
+MAP_FROM = 256 * 2**20
 
 
 def auto_kind(count: int) -> IndexKind:
@@ -167,12 +173,17 @@ class FaissIndex:
 
     @classmethod
     def open(cls, path: str, *, nprobe: int) -> FaissIndex:
-        """Open a saved index; IVF lists are memory-mapped, so worker processes share the pages."""
+        """Open a saved index: read into memory up to ``MAP_FROM`` bytes; larger IVF lists are
+        memory-mapped, so worker processes share their pages."""
         import faiss
 
-        try:
-            index = faiss.read_index(path, faiss.IO_FLAG_MMAP)
-        except RuntimeError:  # kinds that cannot be mapped are read
+        index = None
+        if os.path.getsize(path) >= MAP_FROM:
+            try:
+                index = faiss.read_index(path, faiss.IO_FLAG_MMAP)
+            except RuntimeError:  # kinds that cannot be mapped are read
+                index = None
+        if index is None:
             index = faiss.read_index(path)
         self = cls.__new__(cls)
         self.kind = "flat" if isinstance(index, faiss.IndexFlat) else "ivf"

@@ -17,7 +17,8 @@ Layout (DESIGN.md §5)::
       output_done               uint8 (tiles_r, tiles_c): output tile (i, j) written
       .lock                     the writer's pid while a process writes the store
 
-Every chunk ends in a CRC-32C of its bytes (Zarr v3's ``crc32c`` codec after zstd), and every
+Every chunk ends in a CRC-32C of its bytes (Zarr v3's ``crc32c`` codec, after zstd where there is
+zstd: the x_t buffers are not compressed), and every
 chunk is written even when it holds only the fill value (``write_empty_chunks``), so a chunk that
 should be there and is not is damage, not zeros. A store opened with :meth:`JobStore.open` reads
 through ``VerifiedLocalStore``: a missing chunk (other than a done-grid's, where absence means
@@ -57,11 +58,13 @@ if TYPE_CHECKING:
 # bump when the layout changes; older stores are refused with a clear message
 # (2: every chunk carries a crc32c checksum and is written even when empty)
 FORMAT = 2
-# zstd: natural-image floats barely compress, keep it cheap; crc32c last, over the stored bytes
-def _compressors() -> list:
+# zstd: natural-image floats barely compress, keep it cheap; crc32c last, over the stored bytes.
+# ``compress=False`` keeps only the checksum: for x_t (noise until the last steps) zstd saves ~8 %
+# of the bytes for a compress and a decompress of every chunk at every step
+def _compressors(compress: bool = True) -> list:
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
-    return [ZstdCodec(level=1), Crc32cCodec()]
+    return [ZstdCodec(level=1), Crc32cCodec()] if compress else [Crc32cCodec()]
 
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -355,8 +358,11 @@ class JobStore:
                                     repairable=False, reason="unreadable") from None
         return array.with_config(_ARRAY_CONFIG)
 
-    def create_array(self, name: str, shape, chunks, dtype, *, fill_value=0) -> zarr.Array:
-        options = {} if self.memory else {"compressors": _compressors(), "overwrite": True, "config": _ARRAY_CONFIG}
+    def create_array(self, name: str, shape, chunks, dtype, *, fill_value=0, compress: bool = True) -> zarr.Array:
+        """A new array (replacing one of the same name); ``compress=False``: checksummed, not
+        compressed (data that does not compress, rewritten often)."""
+        options = {} if self.memory else {"compressors": _compressors(compress), "overwrite": True,
+                                          "config": _ARRAY_CONFIG}
         return self.group.create_array(
             name, shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=fill_value, **options
         )
@@ -492,6 +498,6 @@ class _MemoryGroup:
     def __getitem__(self, name: str) -> _MemoryArray:
         return self.arrays[name]
 
-    def create_array(self, name, *, shape, chunks, dtype, fill_value=0) -> _MemoryArray:
+    def create_array(self, name, *, shape, chunks, dtype, fill_value=0, compress=True) -> _MemoryArray:
         self.arrays[name] = _MemoryArray(np.full(shape, fill_value, dtype=dtype), tuple(chunks))
         return self.arrays[name]
