@@ -266,7 +266,7 @@ class CompiledKnnFold:
         channels = self.channels
         source_flat = _padded_flat(source.transpose(1, 2, 0), self.pad)
         window_runs = _padded_runs(np.repeat(window, channels, axis=1), self.lanes)
-        height, width = canvas.shape[1:]
+        width = canvas.shape[2]
         # float64 accumulation: a pixel's sum must not depend on where the kernel split the rows
         # between threads (nor on the crop a tile passes), or near-tied candidates flip later
         if canvas.dtype != np.float64 or not canvas.flags.c_contiguous:
