@@ -2,7 +2,9 @@
 
 ``exact`` is a brute-force torch index (chunked matmul + top-k) that returns the true k nearest;
 ``flat``, ``ivf`` and ``ivfpq`` are FAISS indexes (flat is exact too; the IVF kinds probe
-``nprobe`` of ``nlist`` k-means lists, √N by default as in the paper). Missing results are -1.
+``nprobe`` of ``nlist`` k-means lists, √N by default as in the paper; ``ivf`` keeps its vectors in
+float32, or float16 from ``HALF_LISTS_FROM`` vectors on; ``ivfpq`` as product-quantizer codes).
+Missing results are -1.
 Nothing here is patch-specific.
 """
 
@@ -32,6 +34,9 @@ TRAIN_MIN = 10_000
 # the training time (the largest part of preparing a small job's index)
 TRAIN_ITERATIONS = 10
 AUTO_PQ_FROM = 2_000_000
+# ``ivf`` over this many vectors keeps them in float16 (see FaissIndex): below it the lists stay in
+# a core's share of the cache and float32 scans as fast (a paper-size reference has ~40 000)
+HALF_LISTS_FROM = 100_000
 # an index file from this size on is memory-mapped (shared by a machine's worker processes), below
 # it read into memory: FAISS scans mapped lists through its on-disk list type, which prefetches
 # every probed list in helper threads at each search (measured on 224 436 vectors of 32 dims,
@@ -118,7 +123,15 @@ class FaissIndex:
             nlist = nlist or max(1, int(math.sqrt(count)))
             nlist = min(nlist, max(1, count // 39))  # FAISS wants ~39 training points per list
             quantizer = faiss.IndexFlatL2(dims)
-            if kind == "ivf":
+            if kind == "ivf" and count >= HALF_LISTS_FROM:
+                # float16 lists: a scan reads half the bytes (it is bound by memory, not
+                # arithmetic). Measured on 224 436 features of a 5120x2880 reference's latents,
+                # 64 009 queries of a job's step, nprobe 4: 0.27-0.38 s against 0.35-0.55 s for
+                # float32 lists, the same top 5 for 99.6-99.8 % of queries and the same recall
+                # against an exact search; the knn denoiser re-weights the candidates with exact
+                # float32 distances either way
+                index = faiss.IndexIVFScalarQuantizer(quantizer, dims, nlist, faiss.ScalarQuantizer.QT_fp16)
+            elif kind == "ivf":
                 index = faiss.IndexIVFFlat(quantizer, dims, nlist)
             elif kind == "ivfpq":
                 if dims % pq_m:

@@ -122,6 +122,32 @@ def test_ivf_recall_on_isotropic_data_grows_with_nprobe(gaussian) -> None:
     assert full == 1.0
 
 
+def test_large_ivf_lists_are_float16_and_rank_like_exact(monkeypatch) -> None:
+    """From ``HALF_LISTS_FROM`` vectors the lists are float16: scanning them all finds the exact
+    neighbours up to near-ties that float16 rounding reorders."""
+    import faiss
+
+    from gigasid.index import search
+
+    generator = torch.Generator().manual_seed(3)
+    vectors = torch.randn(3000, 32, generator=generator)
+    queries = torch.randn(300, 32, generator=generator)
+    monkeypatch.setattr(search, "HALF_LISTS_FROM", 2000)
+    index = FaissIndex(vectors, kind="ivf", nprobe=2)
+    assert isinstance(index.index, faiss.IndexIVFScalarQuantizer)
+    index.index.nprobe = index.index.nlist
+    found = index.search(queries, 10)
+    truth = exact_neighbours(queries, vectors, 10)
+    assert recall(found, truth) >= 0.995
+    # a neighbour that differs is a near-tie: its true distance is within float16's relative
+    # precision of the true 10th neighbour's
+    distance = torch.cdist(queries.double(), vectors.double())
+    tenth = distance.gather(1, truth[:, 9:10])
+    assert bool((distance.gather(1, found) <= tenth * (1 + 2e-3)).all())
+    monkeypatch.setattr(search, "HALF_LISTS_FROM", 10**9)
+    assert isinstance(FaissIndex(vectors, kind="ivf", nprobe=2).index, faiss.IndexIVFFlat)
+
+
 def test_index_errors() -> None:
     vectors = torch.randn(500, 30)
     with pytest.raises(ValueError, match="pq_m=8 must divide"):
