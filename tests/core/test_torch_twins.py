@@ -20,6 +20,9 @@ run the torch code on it (the ``device`` parameter). What each comparison assert
 * correspondence decode (``codecs.correspondence``): both accumulate in float64 in different
   orders; equal after the float32 rounding to ~1e-6. The numba loop and its own plain-Python
   reading are bit-exact.
+* lapped-PCA encoder (``codecs.lapped_pca``): float64 sums in other orders (the texture channel's
+  energy expanded), rounded to float32: equal to ~1e-6 of the latents' scale; serial and
+  parallel kernels bit-exact.
 """
 
 from __future__ import annotations
@@ -294,3 +297,39 @@ def test_correspondence_kernel_is_its_plain_python_reading(periodic) -> None:
         results.append((out, coverage))
     assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
     assert results[0][1].any()
+
+
+# --- lapped-PCA encoder ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("texture", [False, True])
+@pytest.mark.parametrize("channels,shape", [(3, (45, 61)), (1, (16, 24)), (3, (8, 9))])
+def test_lapped_pca_encode_torch_equals_the_kernel(device, texture, channels, shape) -> None:
+    """Partial last blocks (45, 61, 9 are not multiples of 8) and a one-block-high image take the
+    edge replication; the codec is fitted on a smooth image with texture added (latents ~0.5)."""
+    from gigasid.codecs.lapped_pca import BlockCovariance, LappedPCACodec, _blocks
+
+    generator = torch.Generator().manual_seed(channels * 100 + shape[0])
+    rows = torch.linspace(-1, 1, shape[0])[:, None]
+    cols = torch.linspace(-1, 1, shape[1])[None, :]
+    smooth = torch.stack([torch.sin(3 * rows + (c + 1) * cols) for c in range(channels)])
+    pixels = (0.7 * smooth + 0.3 * torch.rand(channels, *shape, generator=generator) - 0.15).clamp(-1, 1)
+    covariance = BlockCovariance(channels * 256)
+    window = torch.outer(*(2 * [torch.sin(torch.pi * (torch.arange(16) + 0.5) / 16)])).repeat(channels, 1, 1)
+    covariance.add((_blocks(pixels.double(), 8) * window.reshape(-1, 1, 1)).reshape(channels * 256, -1).T)
+    codec = LappedPCACodec.fit(covariance, 5, image_channels=channels, texture=texture)
+    compiled = codec.encode(pixels)
+    twin = codec._encode_torch(pixels.to(device)).cpu()
+    assert compiled.shape == twin.shape == (5 + int(texture), -(-shape[0] // 8), -(-shape[1] // 8))
+    assert compiled.dtype == twin.dtype == torch.float32
+    torch.testing.assert_close(compiled, twin, rtol=0, atol=1e-6)
+    # the serial and parallel kernels compute each cell alone: the same bits
+    from gigasid.codecs import lapped_pca
+
+    args = (pixels.numpy(), 8, codec._kernel_analysis, codec._mean_coef.numpy(), codec._kernel_weighted_mean,
+            codec._kernel_window_sq, float(codec.mean.pow(2).sum()), texture, codec.scale)
+    serial, parallel = np.empty(compiled.shape, np.float32), np.empty(compiled.shape, np.float32)
+    lapped_pca._encode_serial(*args, serial)
+    lapped_pca._encode_parallel(*args, parallel)
+    assert np.array_equal(serial, parallel)
