@@ -589,6 +589,9 @@ def entry_point() -> None:
     every file is written and closed and every executor shut down (``open_executor``), and the
     interpreter's own teardown of torch, numba and faiss would add ~0.5 s to every command
     (measured: ``import torch`` alone exits 0.5 s later than ``os._exit``)."""
+    from gigasid.graph.profiles import keep_freed_memory
+
+    keep_freed_memory()  # this process is the command's: its allocator may keep what it frees
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

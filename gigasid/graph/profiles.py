@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -224,9 +225,19 @@ def _with_threads(fn: Callable, threads: int | None, *args):
         _trim_memory()
 
 
-def _trim_memory() -> None:
-    """Hand freed heap back to the OS after each task (glibc): a tile's temporaries are freed but
-    stay in the process's arenas otherwise, and peak RSS creeps up with the number of tasks."""
+# a task process hands its freed heap back to the OS every this many tasks (glibc): a tile's
+# temporaries are freed but stay in the process's arenas otherwise, and peak RSS creeps up with the
+# number of tasks. Not after every task: the next step of a scale allocates the same temporaries,
+# and memory handed back comes again as fresh pages the kernel must zero
+TRIM_EVERY = 16
+_tasks_since_trim = 0
+_LIBC = None
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _libc():
+    """glibc, or False elsewhere."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -235,13 +246,40 @@ def _trim_memory() -> None:
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _LIBC.malloc_trim  # noqa: B018 - absent outside glibc
+            _LIBC.mallopt  # noqa: B018
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
 
 
-_LIBC = None
+def _trim_memory() -> None:
+    global _tasks_since_trim
+    with _TRIM_LOCK:
+        _tasks_since_trim += 1
+        if _tasks_since_trim < TRIM_EVERY:
+            return
+        _tasks_since_trim = 0
+    if _libc():
+        _libc().malloc_trim(0)
+
+
+_TRIM_LOCK = threading.Lock()
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep large freed blocks in the heap for reuse (the ``gigasid`` command's own
+    process, which runs a job's tasks): by default every block of 32 MiB or more (a 512² tile's
+    x_t and its temporaries) is a fresh mapping the kernel faults in and zeroes page by page at
+    every step. Measured on a 4096² ``gigapixel`` job, 2 cores: page faults 2.7 M -> 0.7 M, system
+    CPU 10.9 -> 5.7 s, peak RSS 1.65 -> 1.86 GB; with the trims every ``TRIM_EVERY`` tasks instead
+    of after each, wall 51.6 -> 46.9 s (medians of 2, interleaved). A library call does not do
+    this to its caller's process."""
+    libc = _libc()
+    if libc:
+        import ctypes
+
+        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))
+        libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
 
 
 @contextlib.contextmanager
