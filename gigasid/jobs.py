@@ -134,8 +134,7 @@ def prepare(
     for scale, level in enumerate(levels):
         started = time.perf_counter()
         excluded = None if holes is None else holes[scale]  # inpaint: the hole is not copied from itself
-        denoisers.append(scale_denoiser(level, config, periodic=periodic, excluded=excluded,
-                                        output_shape=out_shapes[scale]))
+        denoisers.append(scale_denoiser(level, config, periodic=periodic, excluded=excluded))
         setup.append(time.perf_counter() - started)
     fixed = None
     if structure is not None:  # analogy: the structure's pyramid down to the output's coarsest grid

@@ -495,8 +495,7 @@ def encode_level(codec: Codec, level: torch.Tensor) -> torch.Tensor:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None,
-                 output_shape: tuple[int, int] | None):
+def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None):
     size = config.patch_size
     if index_dir is not None and (index_dir / ReferenceCandidates._STATE).is_file():
         source = ReferenceCandidates.load(index_dir)
@@ -504,11 +503,7 @@ def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None,
         index = config.index
         kind = index.kind
         if kind == "auto":
-            searches = None
-            if output_shape is not None:  # the queries a step searches: every stride-th per axis
-                stride = index.search_stride
-                searches = math.prod(-(-cells // stride) for cells in grid_shape(*output_shape, size))
-            kind = auto_kind(int(np.prod(grid_shape(*level.shape[-2:], size))), searches)
+            kind = auto_kind(int(np.prod(grid_shape(*level.shape[-2:], size))))
         source = ReferenceCandidates(
             level, size, k=index.k, index=kind, search_dims=index.search_dims, nlist=index.nlist,
             nprobe=index.nprobe, coherence=index.coherence, search_stride=index.search_stride, excluded=excluded,
@@ -519,8 +514,7 @@ def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None,
 
 
 def _dense_backend(dense):
-    def build(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None,
-              output_shape: tuple[int, int] | None):
+    def build(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None):
         grid_h, _ = grid_shape(*level.shape[-2:], config.patch_size)
         dataset = unfold_rows(level.contiguous(), config.patch_size, 0, grid_h)
         if excluded is not None:  # inpaint: the patches touching the hole are not candidates
@@ -532,9 +526,8 @@ def _dense_backend(dense):
     return build
 
 
-#: denoiser backend name → builder(level, config, index_dir, excluded, output_shape) → (patch
-#: denoiser, candidate source); ``excluded``: bool cells of the level whose patches are left out
-#: (inpaint's hole), or None; ``output_shape``: the output scale's grid it denoises, or None
+#: denoiser backend name → builder(level, config, index_dir, excluded) → (patch denoiser, candidate
+#: source); ``excluded``: bool cells of the level whose patches are left out (inpaint's hole), or None
 DENOISER_BACKENDS: dict[str, Callable] = {
     "knn": _knn_backend,
     "exact": _dense_backend(ExactDenoiser),
@@ -544,15 +537,12 @@ DENOISER_BACKENDS: dict[str, Callable] = {
 
 def scale_denoiser(
     level: torch.Tensor, config: JobConfig, *, periodic: bool, index_dir: Path | None = None,
-    excluded: torch.Tensor | None = None, output_shape: tuple[int, int] | None = None,
+    excluded: torch.Tensor | None = None,
 ) -> ImageDenoiser:
     """The image denoiser of one scale. With ``index_dir`` a knn index saved there is opened (and
     one built here is saved there), so a job's workers share one index per scale. ``excluded``
-    (bool, the level's grid): the patches touching it are no candidates (inpaint's hole).
-    ``output_shape``: the output scale's grid, which ``index.kind: auto`` weighs (every path that
-    builds a job's indexes passes it, so they choose alike)."""
-    patch_denoiser, source = DENOISER_BACKENDS[config.denoiser.backend](level, config, index_dir, excluded,
-                                                                        output_shape)
+    (bool, the level's grid): the patches touching it are no candidates (inpaint's hole)."""
+    patch_denoiser, source = DENOISER_BACKENDS[config.denoiser.backend](level, config, index_dir, excluded)
     return ImageDenoiser(
         patch_denoiser, patch_size=config.patch_size, rho=config.rho, periodic=periodic, candidate_source=source,
         device=resolve_device(config.device),

@@ -305,7 +305,7 @@ def _build_job(
     if config.denoiser.backend == "knn":  # built once here, opened by path in every worker
         started = time.perf_counter()
         for scale in range(len(ref_shapes)):
-            _build_index(store, config, scale, out_shapes[scale])
+            _build_index(store, config, scale)
         setup["indexes"] = time.perf_counter() - started
         # read back by `gigasid check`: FAISS would read a damaged index file without noticing
         store.update_manifest(index_checksums={
@@ -446,13 +446,13 @@ def write_known(store: JobStore, plan: JobPlan, read_level, hole: torch.Tensor |
             mask[:, box[0] : box[2], box[1] : box[3]] = held.numpy()
 
 
-def _build_index(store: JobStore, config: JobConfig, scale: int, output_shape: tuple[int, int]) -> None:
+def _build_index(store: JobStore, config: JobConfig, scale: int) -> None:
     """Build scale ``scale``'s candidate index from the stored reference into ``index/<scale>``,
     beside a memory-mappable copy of the level its workers read."""
     dataset = store.manifest["dataset"]
     level = torch.from_numpy(store.array(f"{dataset}/{scale}")[...])
-    job_plan.scale_denoiser(level, config, periodic=job_plan.wraps(config), index_dir=store.index_dir(scale),
-                            excluded=tasks.excluded_cells(store, scale), output_shape=output_shape)
+    job_plan.scale_denoiser(level, config, periodic=job_plan.wraps(config),
+                            index_dir=store.index_dir(scale), excluded=tasks.excluded_cells(store, scale))
     store.write_level_copy(dataset, scale)
 
 
@@ -894,13 +894,13 @@ def resume(path: str | Path, profile: Profile, *, progress: Progress | None = No
 def _rebuild_indexes(store: JobStore, scales: list[int], log) -> dict:
     """Build the damaged scales' indexes again from the reference, as ``create_job`` did; the
     manifest's checksums of the result (returned). The FAISS build is seeded: the same file."""
-    plan = JobPlan.from_manifest(store.manifest)
+    config = JobPlan.from_manifest(store.manifest).config
     manifest = store.manifest
     sums = dict(manifest["index_checksums"])
     for scale in scales:
         folder = store.index_dir(scale)
         shutil.rmtree(folder, ignore_errors=True)
-        _build_index(store, plan.config, scale, plan.output_shapes[scale])
+        _build_index(store, config, scale)
         fresh = file_checksums(folder)
         if fresh.get("index.bin") != sums[str(scale)].get("index.bin"):
             log(f"scale {scale}: the rebuilt index differs from the original one: tiles computed from now on "

@@ -34,11 +34,6 @@ TRAIN_MIN = 10_000
 # the training time (the largest part of preparing a small job's index)
 TRAIN_ITERATIONS = 10
 AUTO_PQ_FROM = 2_000_000
-# ... and while a step's exact search costs at most this many distances: a large output's coarse
-# scales search a small reference with many queries (a 4096² latent job's third scale: 3 700
-# queries x 12 936 patches, 0.12 s a step in a flat index, 14 % of the job's sampling time at that
-# scale's size). A paper-size job's flat scales stay below it (at most ~1.6e7)
-AUTO_EXACT_WORK = 25_000_000
 # ``ivf`` over this many vectors keeps them in float16 (see FaissIndex): below it the lists stay in
 # a core's share of the cache and float32 scans as fast (a paper-size reference has ~40 000)
 HALF_LISTS_FROM = 100_000
@@ -49,17 +44,16 @@ HALF_LISTS_FROM = 100_000
 MAP_FROM = 256 * 2**20
 
 
-def auto_kind(count: int, searches: int | None = None) -> IndexKind:
-    """The index kind ``auto`` picks for a scale with ``count`` reference patches searched by
-    ``searches`` queries a step (None: not known, the count decides alone)."""
-    if count < AUTO_EXACT_BELOW and (searches is None or count * searches < AUTO_EXACT_WORK):
+def auto_kind(count: int) -> IndexKind:
+    """The index kind ``auto`` picks for a scale with ``count`` reference patches."""
+    if count < AUTO_EXACT_BELOW:
         return "flat"
     return "ivf" if count < AUTO_PQ_FROM else "ivfpq"
 
 
 def auto_thresholds() -> str:
-    return (f"index auto: flat (exact) below {AUTO_EXACT_BELOW:,} patches and {AUTO_EXACT_WORK:,} distances "
-            f"a step, ivf below {AUTO_PQ_FROM:,}, ivfpq from there")
+    return (f"index auto: flat (exact) below {AUTO_EXACT_BELOW:,} patches, ivf below {AUTO_PQ_FROM:,}, "
+            "ivfpq from there")
 
 
 class VectorIndex(Protocol):

@@ -278,35 +278,6 @@ def test_auto_kind_picks_by_size():
     assert f"{AUTO_PQ_FROM:,}" in auto_thresholds()
 
 
-def test_auto_kind_weighs_the_queries_a_step_searches():
-    """A small reference searched by many queries (a large output's coarse scale) gets an IVF
-    index; a paper-size job's coarse scales (a few thousand patches and queries) stay exact."""
-    from gigasid.index.search import AUTO_EXACT_BELOW, AUTO_EXACT_WORK, auto_kind, auto_thresholds
-
-    assert auto_kind(12_936, searches=3_721) == "ivf"  # a 4096² latent job's third scale
-    assert auto_kind(8_184, searches=2_000) == "flat"  # 186x248 halved, stride 2
-    assert auto_kind(AUTO_EXACT_BELOW - 1, searches=AUTO_EXACT_WORK // AUTO_EXACT_BELOW) == "flat"
-    assert auto_kind(100, searches=AUTO_EXACT_WORK // 100) == "ivf"
-    assert auto_kind(100) == "flat"  # the queries unknown: the count decides
-    assert f"{AUTO_EXACT_WORK:,}" in auto_thresholds()
-
-
-def test_job_indexes_weigh_their_output(tmp_path):
-    """A job's coarse scale with a small reference and a large output gets an IVF index under
-    ``auto``, the same scale of an output the reference's size an exact one: store and in-memory
-    paths choose alike (both pass the output's grid)."""
-    from gigasid.config import load_pipeline
-    from gigasid.jobs import prepare
-
-    generator = torch.Generator().manual_seed(0)
-    image = torch.rand(3, 64, 80, generator=generator) * 2 - 1
-    config = load_pipeline("uncond", ["index.kind=auto", "num_scales=1", "patch_size=5"])
-    same = prepare(image, config, size=(64, 80))  # 4 560 patches x 1 140 queries
-    large = prepare(image, config, size=(640, 800))  # x 124 012 queries
-    assert same.denoisers[0].candidate_source.kind == "flat"
-    assert large.denoisers[0].candidate_source.kind == "ivf"
-
-
 def test_ivf_trained_on_a_sample_finds_what_a_full_training_finds(monkeypatch):
     """Training on a sample and adding in chunks (bounded build memory) keeps recall."""
     import gigasid.index.search as search
