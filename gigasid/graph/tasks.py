@@ -1,8 +1,9 @@
 """What a worker runs: one tile of one stage, reading and writing the job store by key.
 
 Tasks carry the store's key (its path) and a tile box, never arrays or the index (DESIGN.md §4.4).
-Each worker process opens a scale's stepper — reference level, memory-mapped index — once and
-keeps it (:func:`scale_stepper`). A task writes only its own chunk, so running it twice is harmless.
+Each worker process opens a scale's stepper — the mapped reference level, the index (read, or
+mapped when large) — once and keeps it (:func:`scale_stepper`). A task writes only its own chunk,
+so running it twice is harmless.
 
 An in-memory job (``jobs.run``) is a store on a zarr ``MemoryStore`` whose denoisers and codec are
 already built: :func:`register_memory_job` makes them known under the store's key in this process,
