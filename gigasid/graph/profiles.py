@@ -231,6 +231,7 @@ def _with_threads(fn: Callable, threads: int | None, *args):
 # and memory handed back comes again as fresh pages the kernel must zero
 TRIM_EVERY = 16
 _tasks_since_trim = 0
+_TRIM_LOCK = threading.Lock()  # tasks finish on several threads
 _LIBC = None
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -261,9 +262,6 @@ def _trim_memory() -> None:
         _tasks_since_trim = 0
     if _libc():
         _libc().malloc_trim(0)
-
-
-_TRIM_LOCK = threading.Lock()
 
 
 def keep_freed_memory() -> None:
