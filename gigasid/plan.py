@@ -431,14 +431,12 @@ def style_trip(level: torch.Tensor, denoiser: ImageDenoiser, config: JobConfig, 
     faded by σ_t/σ_start, momentum over the guided estimates). The views CLIP scores are drawn
     from a generator keyed by (seed, step): deterministic for a seed."""
     from gigasid.core.guidance import augmented_views, guided_estimate
-    from gigasid.core.noise_schedule import make_noise_schedule
     from gigasid.guidance.clip import load_clip
 
     if level.shape[0] != 3:
         raise InputError(f"text-guided style scores RGB images with CLIP; this input has {level.shape[0]} channels")
     clip = config.clip
     scorer = load_clip(clip.path, clip.prompt)
-    sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)[1]
 
     def guide(x_hat: torch.Tensor, t: int, start: int, memory: torch.Tensor | None) -> torch.Tensor:
         generator = torch.Generator().manual_seed((seed * 1_000_003 + t) % (2**63))
@@ -446,10 +444,12 @@ def style_trip(level: torch.Tensor, denoiser: ImageDenoiser, config: JobConfig, 
         def score(estimate: torch.Tensor) -> torch.Tensor:
             return scorer.score(augmented_views((estimate + 1.0) / 2.0, clip.views, scorer.side, generator))
 
-        return guided_estimate(x_hat, memory, score, strength=clip.strength * float(sigmas[t]) / float(sigmas[start]),
-                               momentum=clip.momentum, fill=clip.fill)
+        fade = float(trip.sigmas[t]) / float(trip.sigmas[start])
+        return guided_estimate(x_hat, memory, score, strength=clip.strength * fade, momentum=clip.momentum,
+                               fill=clip.fill)
 
-    return round_trip(denoiser, denoiser, config, clip.noise, guide)
+    trip = round_trip(denoiser, denoiser, config, clip.noise, guide)  # its schedule fades γ
+    return trip
 
 
 # --- codecs ----------------------------------------------------------------------------------

@@ -18,8 +18,7 @@ fur and a smooth surface of the same colour have nearly the same latents, and a 
 matches latents paints smooth patches (fog) where the texture was. The decoder ignores it.
 
 This module is the math only (torch, and a compiled CPU twin of the encoder that a test holds
-equal to it): :func:`fit_lapped_pca` reads pixels through a callback, the
-caller owns the files. It does not choose K: :mod:`bench.codec` measures reconstruction per K.
+equal to it): :func:`fit_lapped_pca` reads pixels through a callback, the caller owns the files. It does not choose K: :mod:`bench.codec` measures reconstruction per K.
 """
 
 from __future__ import annotations
@@ -130,7 +129,7 @@ class LappedPCACodec:
         return (coef * self.scale).reshape(self.channels, height, width).to(torch.float32)
 
     def _encode_compiled(self, pixels: torch.Tensor) -> torch.Tensor:
-        """:meth:`encode` by one pass over the pixels per cell (:func:`_encode_rows`): no block
+        """:meth:`encode` by one pass over the pixels per cell (:func:`_encode_cell`): no block
         matrix (C·(2f)² float64 values a cell) is built, measured 7x faster than the torch path
         on a 520x5120 band, with the same float32 latents there."""
         _, height, width = pixels.shape

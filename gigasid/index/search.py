@@ -10,6 +10,7 @@ Nothing here is patch-specific.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Literal, Protocol
@@ -192,10 +193,8 @@ class FaissIndex:
 
         index = None
         if os.path.getsize(path) >= MAP_FROM:
-            try:
+            with contextlib.suppress(RuntimeError):  # kinds that cannot be mapped are read
                 index = faiss.read_index(path, faiss.IO_FLAG_MMAP)
-            except RuntimeError:  # kinds that cannot be mapped are read
-                index = None
         if index is None:
             index = faiss.read_index(path)
         self = cls.__new__(cls)

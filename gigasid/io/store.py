@@ -18,9 +18,9 @@ Layout (DESIGN.md §5)::
       .lock                     the writer's pid while a process writes the store
 
 Every chunk ends in a CRC-32C of its bytes (Zarr v3's ``crc32c`` codec, after zstd where there is
-zstd: the x_t buffers are not compressed), and every
-chunk is written even when it holds only the fill value (``write_empty_chunks``), so a chunk that
-should be there and is not is damage, not zeros. A store opened with :meth:`JobStore.open` reads
+zstd: the x_t buffers are not compressed), and every chunk is written even when it holds only the
+fill value (``write_empty_chunks``), so a chunk that should be there and is not is damage, not
+zeros. A store opened with :meth:`JobStore.open` reads
 through ``VerifiedLocalStore``: a missing chunk (other than a done-grid's, where absence means
 "not done") or one whose checksum fails raises :class:`~gigasid.errors.StoreDamagedError` naming
 it, instead of reading as the fill value. ``gigasid.io.store_check`` reads every chunk the

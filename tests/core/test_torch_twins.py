@@ -33,12 +33,13 @@ import torch
 
 from gigasid.core import jit
 
-pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not installed: only the torch paths exist")
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [
+    pytest.mark.skipif(not jit.available(), reason="numba is not installed: only the torch paths exist"),
+    pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
+]
 
 
 # --- noise ---------------------------------------------------------------------------------------
