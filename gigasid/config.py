@@ -97,6 +97,23 @@ class LatentConfig:
 
 
 @dataclass(frozen=True)
+class BalanceConfig:
+    """Usage balancing at the coarsest sampled scale (``core.usage_balance``): the denoiser's
+    weights discount the reference patches the whole image over-uses, so a large output's layout
+    is not one self-bordering texture repeated. Beyond the paper (0 = its uniform prior)."""
+
+    #: u^(-strength) for a patch used u times its share; 0 turns balancing off
+    strength: float = field(default=0.0, metadata=_range(0.0, 16.0))
+    #: how many times the usage is measured and discounted
+    rounds: int = field(default=3, metadata=_range(1, 50))
+    #: candidates per query at the balanced scale (more gives the discount alternatives to pick)
+    k: int = field(default=64, metadata=_range(1, 1024))
+    #: how many times its share of the output a reference patch may be drawn on before it is
+    #: discounted (its share: the output's patches over the reference's, at least 1)
+    slack: float = field(default=1.0, metadata=_range(1.0, 1000.0))
+
+
+@dataclass(frozen=True)
 class ClipConfig:
     """Text-guided style (application ``style``): the CLIP model that scores the output against
     a prompt, and the paper's guidance rule (``core.guidance``)."""
@@ -165,6 +182,8 @@ class JobConfig:
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     #: text-guided style (application style; ``--prompt``)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    #: usage balancing of the coarsest sampled scale
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
@@ -214,6 +233,11 @@ class JobConfig:
                     f"latent.layout=pixel with application={self.application}: the layout is sampled from noise "
                     "for uncond and tileable only; set latent.layout=latent"
                 )
+        if self.balance.strength > 0.0 and self.denoiser.backend != "knn":
+            raise ConfigError(
+                f"balance.strength={self.balance.strength} needs denoiser.backend=knn (it re-weights the candidates "
+                "of every query); set balance.strength=0 for the dense backends"
+            )
         for value in self.output_scale:
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"output_scale must be two positive factors, got {list(self.output_scale)}")

@@ -27,6 +27,7 @@ from gigasid.core.device import resolve_device
 from gigasid.core.image_denoiser import ImageDenoiser
 from gigasid.core.patches import grid_shape, unfold_rows
 from gigasid.core.pyramid import output_pyramid_shapes, pyramid_shapes, resample
+from gigasid.core.usage_balance import UsageBalance
 from gigasid.errors import ConfigError, InputError
 from gigasid.index.candidates import ReferenceCandidates
 from gigasid.index.search import auto_kind
@@ -495,7 +496,8 @@ def encode_level(codec: Codec, level: torch.Tensor) -> torch.Tensor:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None):
+def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None,
+                 k: int | None = None):
     size = config.patch_size
     if index_dir is not None and (index_dir / ReferenceCandidates._STATE).is_file():
         source = ReferenceCandidates.load(index_dir)
@@ -505,7 +507,7 @@ def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None,
         if kind == "auto":
             kind = auto_kind(int(np.prod(grid_shape(*level.shape[-2:], size))))
         source = ReferenceCandidates(
-            level, size, k=index.k, index=kind, search_dims=index.search_dims, nlist=index.nlist,
+            level, size, k=k or index.k, index=kind, search_dims=index.search_dims, nlist=index.nlist,
             nprobe=index.nprobe, coherence=index.coherence, search_stride=index.search_stride, excluded=excluded,
         )
         if index_dir is not None:
@@ -514,7 +516,8 @@ def _knn_backend(level: torch.Tensor, config: JobConfig, index_dir: Path | None,
 
 
 def _dense_backend(dense):
-    def build(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None):
+    def build(level: torch.Tensor, config: JobConfig, index_dir: Path | None, excluded: torch.Tensor | None,
+              k: int | None = None):
         grid_h, _ = grid_shape(*level.shape[-2:], config.patch_size)
         dataset = unfold_rows(level.contiguous(), config.patch_size, 0, grid_h)
         if excluded is not None:  # inpaint: the patches touching the hole are not candidates
@@ -526,8 +529,9 @@ def _dense_backend(dense):
     return build
 
 
-#: denoiser backend name → builder(level, config, index_dir, excluded) → (patch denoiser, candidate
-#: source); ``excluded``: bool cells of the level whose patches are left out (inpaint's hole), or None
+#: denoiser backend name → builder(level, config, index_dir, excluded, k) → (patch denoiser, candidate
+#: source); ``excluded``: bool cells of the level whose patches are left out (inpaint's hole), or None;
+#: ``k``: candidates per query where not ``index.k`` (None; the dense backends weigh every patch)
 DENOISER_BACKENDS: dict[str, Callable] = {
     "knn": _knn_backend,
     "exact": _dense_backend(ExactDenoiser),
@@ -537,16 +541,39 @@ DENOISER_BACKENDS: dict[str, Callable] = {
 
 def scale_denoiser(
     level: torch.Tensor, config: JobConfig, *, periodic: bool, index_dir: Path | None = None,
-    excluded: torch.Tensor | None = None,
+    excluded: torch.Tensor | None = None, coarsest: bool = False,
 ) -> ImageDenoiser:
     """The image denoiser of one scale. With ``index_dir`` a knn index saved there is opened (and
     one built here is saved there), so a job's workers share one index per scale. ``excluded``
-    (bool, the level's grid): the patches touching it are no candidates (inpaint's hole)."""
-    patch_denoiser, source = DENOISER_BACKENDS[config.denoiser.backend](level, config, index_dir, excluded)
+    (bool, the level's grid): the patches touching it are no candidates (inpaint's hole).
+    ``coarsest``: the job's coarsest scale, usage-balanced where the config asks and the scale is
+    sampled (:func:`usage_balance`)."""
+    balance = usage_balance(config) if coarsest else None
+    patch_denoiser, source = DENOISER_BACKENDS[config.denoiser.backend](
+        level, config, index_dir, excluded, config.balance.k if balance else None
+    )
     return ImageDenoiser(
         patch_denoiser, patch_size=config.patch_size, rho=config.rho, periodic=periodic, candidate_source=source,
-        device=resolve_device(config.device),
+        device=resolve_device(config.device), balance=balance,
     )
+
+
+def usage_balance(config: JobConfig) -> UsageBalance | None:
+    """The coarsest scale's usage balancing (``core.usage_balance``): where ``balance.strength`` is
+    set and that scale is sampled (a given coarsest scale is not, and its denoiser also serves an
+    analogy's round trip, which stays the paper's)."""
+    if config.balance.strength <= 0.0 or gives_coarsest(config):
+        return None
+    return UsageBalance(config.balance.strength, config.balance.rounds, slack=config.balance.slack)
+
+
+def check_balanced_tile(config: JobConfig, coarsest: tuple[int, int], tile: int) -> None:
+    """Usage balancing weighs the coarsest scale's whole image at once: that scale must be one tile."""
+    if usage_balance(config) is not None and max(coarsest) > tile:
+        raise InputError(
+            f"balance.strength needs the coarsest scale ({coarsest[0]}x{coarsest[1]}) in one tile, but the tile "
+            f"is {tile}: use --tile {max(coarsest)} or more, or set balance.strength=0"
+        )
 
 
 def search_stride(config: JobConfig) -> int:

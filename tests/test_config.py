@@ -69,6 +69,10 @@ def test_unknown_nested_key_is_named_with_its_section() -> None:
         ({"min_short_side": 10}, ["min_short_side=10", "patch_size=15"]),
         ({"output_scale": [1.0, 0.0]}, ["output_scale"]),
         ({"output_scale": [-1.0, 1.0]}, ["output_scale"]),
+        ({"balance": {"strength": -1.0}}, ["balance.strength=-1.0"]),
+        ({"balance": {"rounds": 0}}, ["balance.rounds=0"]),
+        ({"balance": {"k": 0}}, ["balance.k=0"]),
+        ({"balance": {"strength": 1.0}, "denoiser": {"backend": "exact"}}, ["balance.strength", "knn"]),
     ],
 )
 def test_out_of_range_values_raise(data, needles) -> None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from gigasid.core import knn_fold
-from gigasid.core.patches import gather_patches
+from gigasid.core.patches import gather_patches, grid_shape
 
 BackendName = Literal["exact", "fused", "knn"]
 
@@ -237,15 +237,31 @@ class KnnDenoiser:
         for start in range(0, queries.shape[0], self.chunk):
             q = queries[start : start + self.chunk].to(torch.float32)
             cand = candidates[start : start + self.chunk]
-            empty = cand < 0
             patches = gather_patches(self.reference, cand.clamp_min(0), self.patch_size)  # (m, k, D)
-            weights = self._weights(q, cand, patches, alpha, scale)
-            blended = torch.bmm(weights.unsqueeze(1), patches).squeeze(1)
-            lost = empty.all(1)
-            if bool(lost.any()):  # a query with no candidate at all learns nothing: the mean
-                blended[lost] = self.mean
-            out[start : start + self.chunk] = blended
+            out[start : start + self.chunk] = self._mix(self._weights(q, cand, patches, alpha, scale), cand, patches)
         return out
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """The reference's grid of patch corners: candidate positions are flat indices into it."""
+        return grid_shape(*self.reference.shape[-2:], self.patch_size)
+
+    def blend(self, weights: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(m, D): each query's candidates averaged with given (m, k) weights (usage balancing's
+        re-weighted ones), as :meth:`__call__` averages with its own."""
+        out = torch.empty((candidates.shape[0], self.mean.shape[-1]), dtype=torch.float32, device=self.device)
+        for start in range(0, candidates.shape[0], self.chunk):
+            cand = candidates[start : start + self.chunk]
+            patches = gather_patches(self.reference, cand.clamp_min(0), self.patch_size)
+            out[start : start + self.chunk] = self._mix(weights[start : start + self.chunk], cand, patches)
+        return out
+
+    def _mix(self, weights: torch.Tensor, cand: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        blended = torch.bmm(weights.to(patches.dtype).unsqueeze(1), patches).squeeze(1)
+        lost = (cand < 0).all(1)
+        if bool(lost.any()):  # a query with no candidate at all learns nothing: the mean
+            blended[lost] = self.mean
+        return blended
 
     def _weights(self, q, cand, patches, alpha, scale):
         # ‖x - alpha y‖², expanded so the (m, k, D) difference is never formed

@@ -4,6 +4,8 @@ Patches are processed in bands of patch rows so the (M, D) patch matrix of the n
 never held whole; each band is folded into the output canvas as soon as it is denoised. A
 periodic denoiser wraps patches around the image edges (tileable output). Where a backend needs
 nearest-neighbour candidates, a :class:`CandidateSource` supplies them for the whole grid first.
+With usage balancing (``core.usage_balance``) the weights of every query are computed first,
+re-weighted together, then folded: a whole image only.
 
 An image denoiser has a ``device``: its backend's reference data and its candidate source live
 there, inputs are moved there, and results go back to the caller's device, so a caller holding
@@ -30,6 +32,7 @@ from gigasid.core.patches import (
     window_sum,
     wrap_periodic,
 )
+from gigasid.core.usage_balance import UsageBalance, balance_weights
 
 
 class CandidateSource(Protocol):
@@ -69,6 +72,7 @@ class ImageDenoiser:
         candidate_source: CandidateSource | None = None,
         band_queries: int = 16384,
         device: torch.device | str = "cpu",
+        balance: UsageBalance | None = None,
     ):
         if patch_denoiser.needs_candidates and candidate_source is None:
             raise ValueError("this denoiser backend needs a candidate source (an index)")
@@ -86,6 +90,10 @@ class ImageDenoiser:
         self.periodic = periodic
         self.candidate_source = candidate_source
         self.band_queries = band_queries
+        # usage balancing (``core.usage_balance``): whole images only, knn backends only
+        if balance is not None and not patch_denoiser.needs_candidates:
+            raise ValueError("usage balancing re-weights candidates: it needs a knn backend")
+        self.balance = balance
         # the fold buffer is reused (fresh pages cost more than the fold), one per thread: tiles
         # of a scale share this denoiser on a threaded scheduler
         self._local = threading.local()
@@ -97,8 +105,10 @@ class ImageDenoiser:
             columns = self._local.columns = torch.empty(needed, dtype=torch.float32, device=device)
         return columns[:needed].view(shape)
 
-    def _fold_bands(self, source, candidates, alpha, sigma, window, canvas, grid_h, grid_w) -> None:
-        """The generic path: unfold a band of patch rows, denoise it in chunks, fold it."""
+    def _fold_bands(self, source, window, canvas, grid_h, grid_w, denoise) -> None:
+        """The generic path: unfold a band of patch rows, denoise it in chunks, fold it.
+        ``denoise(patches, queries)`` gives a chunk's denoised patches from its noisy ones and
+        its slice of the flat query grid."""
         size, chunk = self.patch_size, self.patch_denoiser.chunk
         band = max(1, self.band_queries // grid_w)
         for row0 in range(0, grid_h, band):
@@ -109,8 +119,7 @@ class ImageDenoiser:
             first = row0 * grid_w
             for start in range(0, count, chunk):
                 stop = min(count, start + chunk)
-                cand = None if candidates is None else candidates[first + start : first + stop]
-                denoised = self.patch_denoiser(queries[start:stop], alpha, sigma, cand)
+                denoised = denoise(queries[start:stop], slice(first + start, first + stop))
                 window_columns(denoised, window, out=columns[:, start:stop])
             fold_columns(canvas, columns, row0, grid_w, size)
 
@@ -161,8 +170,15 @@ class ImageDenoiser:
         # out the same whatever the crop (tile) or the thread split
         canvas = torch.zeros(source.shape, dtype=torch.float64, device=x_t.device)
         fold_image = getattr(self.patch_denoiser, "fold_image", None)
-        if fold_image is None or not fold_image(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w):
-            self._fold_bands(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w)
+        if self.balance is not None and candidates is not None:
+            if origin is not None:
+                raise ValueError("usage balancing weighs the whole image's queries: it cannot denoise a crop")
+            weights = self._all_weights(source, candidates, alpha, sigma, grid_h, grid_w)
+            self._fold_bands(source, window, canvas, grid_h, grid_w,
+                             lambda _, rows: self.patch_denoiser.blend(weights[rows], candidates[rows]))
+        elif fold_image is None or not fold_image(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w):
+            self._fold_bands(source, window, canvas, grid_h, grid_w, lambda patches, rows: self.patch_denoiser(
+                patches, alpha, sigma, None if candidates is None else candidates[rows]))
         if any(periodic):
             canvas = wrap_periodic(canvas, height, width)
         canvas /= window_sum(height, width, window.double(), periodic=periodic)
@@ -187,16 +203,27 @@ class ImageDenoiser:
             raise ValueError("at alpha = 0 every patch weighs the same: there are no matches")
         caller = x_t.device
         source, (grid_h, grid_w), candidates = self._queries(x_t.to(self.device), alpha, step, origin, global_grid)
+        if self.balance is not None and origin is not None:
+            raise ValueError("usage balancing weighs the whole image's queries: it cannot match a crop")
         k = candidates.shape[1]
+        weights = self._all_weights(source, candidates, alpha, sigma, grid_h, grid_w)
+        return candidates.reshape(grid_h, grid_w, k).to(caller), weights.reshape(grid_h, grid_w, k).to(caller)
+
+    def _all_weights(self, source, candidates, alpha, sigma, grid_h, grid_w) -> torch.Tensor:
+        """(Q, k) weights of every query of ``source`` over its candidates, usage-balanced when
+        this denoiser balances."""
         compiled = getattr(self.patch_denoiser, "image_weights", None)
         weights = None if compiled is None else compiled(source, candidates, alpha, sigma, grid_h, grid_w)
-        if weights is not None:
-            return candidates.reshape(grid_h, grid_w, k).to(caller), weights.reshape(grid_h, grid_w, k).to(caller)
-        weights = torch.empty(candidates.shape, dtype=torch.float32, device=source.device)
-        band = max(1, self.band_queries // grid_w)
-        for row0 in range(0, grid_h, band):
-            row1 = min(grid_h, row0 + band)
-            first, last = row0 * grid_w, row1 * grid_w
-            queries = unfold_rows(source, self.patch_size, row0, row1)
-            weights[first:last] = self.patch_denoiser.weights(queries, alpha, sigma, candidates[first:last])
-        return candidates.reshape(grid_h, grid_w, k).to(caller), weights.reshape(grid_h, grid_w, k).to(caller)
+        if weights is None:
+            weights = torch.empty(candidates.shape, dtype=torch.float32, device=source.device)
+            band = max(1, self.band_queries // grid_w)
+            for row0 in range(0, grid_h, band):
+                row1 = min(grid_h, row0 + band)
+                first, last = row0 * grid_w, row1 * grid_w
+                queries = unfold_rows(source, self.patch_size, row0, row1)
+                weights[first:last] = self.patch_denoiser.weights(queries, alpha, sigma, candidates[first:last])
+        if self.balance is None:
+            return weights
+        balanced = balance_weights(weights.cpu(), candidates.cpu(), self.patch_denoiser.patch_grid, self.balance)
+        return balanced.to(weights.device)
+

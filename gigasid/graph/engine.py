@@ -208,6 +208,7 @@ def create_job(
         raise InputError(
             f"--tile {tile} is not larger than this job's halo ({reach} {unit}); use --tile {reach + 1} or more"
         )
+    job_plan.check_balanced_tile(config, out_shapes[-1], tile)
     manifest = {
         "version": __version__,
         # tells a worker that outlives jobs a store created again at the same path is another job
@@ -451,8 +452,9 @@ def _build_index(store: JobStore, config: JobConfig, scale: int) -> None:
     beside a memory-mappable copy of the level its workers read."""
     dataset = store.manifest["dataset"]
     level = torch.from_numpy(store.array(f"{dataset}/{scale}")[...])
-    job_plan.scale_denoiser(level, config, periodic=job_plan.wraps(config),
-                            index_dir=store.index_dir(scale), excluded=tasks.excluded_cells(store, scale))
+    coarsest = scale == len(store.manifest["reference_shapes"]) - 1
+    job_plan.scale_denoiser(level, config, periodic=job_plan.wraps(config), index_dir=store.index_dir(scale),
+                            excluded=tasks.excluded_cells(store, scale), coarsest=coarsest)
     store.write_level_copy(dataset, scale)
 
 
@@ -613,9 +615,12 @@ def plan_text(store: JobStore) -> str:
 
         lines.append(f"  {auto_thresholds()}")
     pixel_steps = 0.0
+    balanced = job_plan.usage_balance(config) is not None
+    coarsest = len(manifest["output_shapes"]) - 1
     for scale, (height, width) in enumerate(manifest["output_shapes"]):
         count = len(tile_boxes((height, width), tile))
-        lines.append(f"  scale {scale}: {height}x{width}, {count} tile(s) x {steps + 1} stages")
+        note = f", usage-balanced ({config.balance.k} candidates)" if balanced and scale == coarsest else ""
+        lines.append(f"  scale {scale}: {height}x{width}, {count} tile(s) x {steps + 1} stages{note}")
         pixel_steps += height * width * steps
     disk = disk_estimate(manifest, channels, manifest.get("image_channels", channels))
     # rough rates measured on a 2-core CPU (bench/scaling.py): knn ~0.13 Mpx·step/s, exact far slower

@@ -24,6 +24,7 @@ from PIL import Image
 from gigasid import jobs
 from gigasid.config import JobConfig, from_mapping
 from gigasid.core.image_denoiser import ImageDenoiser
+from gigasid.errors import InputError
 from gigasid.graph import engine, profiles
 from gigasid.graph.profiles import DistributedExecutor, Profile
 
@@ -143,6 +144,33 @@ def test_tiled_run_equals_the_in_memory_sampler(tmp_path: Path, backend: str, ap
             assert np.array_equal(got, want.numpy()), (tile, scale, float(np.abs(got - want.numpy()).max()))
         output = engine.read_output(store)
         assert output.dtype == np.uint8 and np.array_equal(output, expected_output), tile
+
+
+def test_a_usage_balanced_job_tiled_equals_in_memory(tmp_path: Path) -> None:
+    """Usage balancing weighs the coarsest scale's whole image: that scale runs as one tile while the
+    finer ones are tiled, and the result is the in-memory sampler's bit for bit; a tile smaller than
+    the coarsest scale is refused by name before anything is written."""
+    (height, width), settings = BACKENDS["knn"]
+    config = from_mapping(JobConfig, {"application": "uncond", "num_steps": 3, "num_scales": 3, "eta": 0.5,
+                                      **settings, "balance": {"strength": 1.0, "k": 16}})
+    torch.set_num_threads(1)
+    prepared = jobs.prepare(rocket(height, width), config)
+    assert prepared.denoisers[-1].balance is not None and all(d.balance is None for d in prepared.denoisers[:-1])
+    reference = jobs.run(prepared, seed=SEED)
+    plain = jobs.run(jobs.prepare(rocket(height, width), job_config("knn", "uncond")), seed=SEED)
+    assert not np.array_equal(reference.scales[-1].numpy(), plain.scales[-1].numpy())  # it does something
+    coarsest = tuple(reference.scales[-1].shape[-2:])
+    halo = engine.job_halo(config, [tuple(reference.image.shape[-2:])])
+    tile = max(halo + 1, max(coarsest))
+    assert height % tile and width % tile and tile < max(height, width)
+    store = engine.create_job(tmp_path / "balanced.zarr", rocket(height, width), config, size=None, seed=SEED, tile=tile)
+    run_store(store, Profile(kind="threads", workers=2, compute_threads=1))
+    for scale, (got, want) in enumerate(zip(finals(store), reference.scales)):
+        assert np.array_equal(got, want.numpy()), (scale, float(np.abs(got - want.numpy()).max()))
+    with pytest.raises(InputError, match=r"balance.strength needs the coarsest scale \(12x100\) in one tile"):
+        engine.create_job(tmp_path / "small.zarr", rocket(height, width), config, size=(48, 400), seed=SEED,
+                          tile=halo + 1)
+    assert not (tmp_path / "small.zarr").exists()
 
 
 # --- 2. same pixels on every profile ----------------------------------------------------------
