@@ -111,6 +111,9 @@ class BalanceConfig:
     #: how many times its share of the output a reference patch may be drawn on before it is
     #: discounted (its share: the output's patches over the reference's, at least 1)
     slack: float = field(default=1.0, metadata=_range(1.0, 1000.0))
+    #: balance only where the output's coarsest scale has at least this many times the reference's
+    #: patches (an output about the reference's size is a rearrangement of it: left alone)
+    min_share: float = field(default=2.0, metadata=_range(0.0, 1e6))
 
 
 @dataclass(frozen=True)

@@ -134,8 +134,8 @@ def prepare(
     for scale, level in enumerate(levels):
         started = time.perf_counter()
         excluded = None if holes is None else holes[scale]  # inpaint: the hole is not copied from itself
-        denoisers.append(scale_denoiser(level, config, periodic=periodic, excluded=excluded,
-                                        coarsest=scale == len(levels) - 1))
+        balance = job_plan.usage_balance(config, out_shapes[-1], ref_shapes[-1]) if scale == len(levels) - 1 else None
+        denoisers.append(scale_denoiser(level, config, periodic=periodic, excluded=excluded, balance=balance))
         setup.append(time.perf_counter() - started)
     fixed = None
     if structure is not None:  # analogy: the structure's pyramid down to the output's coarsest grid

@@ -541,14 +541,12 @@ DENOISER_BACKENDS: dict[str, Callable] = {
 
 def scale_denoiser(
     level: torch.Tensor, config: JobConfig, *, periodic: bool, index_dir: Path | None = None,
-    excluded: torch.Tensor | None = None, coarsest: bool = False,
+    excluded: torch.Tensor | None = None, balance: UsageBalance | None = None,
 ) -> ImageDenoiser:
     """The image denoiser of one scale. With ``index_dir`` a knn index saved there is opened (and
     one built here is saved there), so a job's workers share one index per scale. ``excluded``
     (bool, the level's grid): the patches touching it are no candidates (inpaint's hole).
-    ``coarsest``: the job's coarsest scale, usage-balanced where the config asks and the scale is
-    sampled (:func:`usage_balance`)."""
-    balance = usage_balance(config) if coarsest else None
+    ``balance``: the coarsest scale's usage balancing (:func:`usage_balance`), None elsewhere."""
     patch_denoiser, source = DENOISER_BACKENDS[config.denoiser.backend](
         level, config, index_dir, excluded, config.balance.k if balance else None
     )
@@ -558,18 +556,31 @@ def scale_denoiser(
     )
 
 
-def usage_balance(config: JobConfig) -> UsageBalance | None:
-    """The coarsest scale's usage balancing (``core.usage_balance``): where ``balance.strength`` is
-    set and that scale is sampled (a given coarsest scale is not, and its denoiser also serves an
-    analogy's round trip, which stays the paper's)."""
-    if config.balance.strength <= 0.0 or gives_coarsest(config):
+def usage_balance(
+    config: JobConfig, output_coarsest: tuple[int, int], reference_coarsest: tuple[int, int]
+) -> UsageBalance | None:
+    """The coarsest scale's usage balancing (``core.usage_balance``), or None: where
+    ``balance.strength`` is set, that scale is sampled (a given coarsest scale is not, and its
+    denoiser also serves an analogy's round trip, which stays the paper's) and the output's
+    coarsest scale has at least ``balance.min_share`` times the reference's patches (an output
+    about the reference's size is a rearrangement of it, which uses it unevenly by nature)."""
+    balance = config.balance
+    if balance.strength <= 0.0 or gives_coarsest(config):
         return None
-    return UsageBalance(config.balance.strength, config.balance.rounds, slack=config.balance.slack)
+    size = config.patch_size
+    queries = math.prod(grid_shape(*output_coarsest, size, periodic=wraps(config)))
+    patches = max(1, math.prod(grid_shape(*reference_coarsest, size)))
+    if queries < balance.min_share * patches:
+        return None
+    # the wider pool gives over-used candidates somewhere to go; each query still averages as many
+    # as a plain search finds (index.k), the same ones where nothing is over-used
+    return UsageBalance(balance.strength, balance.rounds, slack=balance.slack, keep=config.index.k)
 
 
-def check_balanced_tile(config: JobConfig, coarsest: tuple[int, int], tile: int) -> None:
+def check_balanced_tile(config: JobConfig, coarsest: tuple[int, int], reference_coarsest: tuple[int, int],
+                        tile: int) -> None:
     """Usage balancing weighs the coarsest scale's whole image at once: that scale must be one tile."""
-    if usage_balance(config) is not None and max(coarsest) > tile:
+    if usage_balance(config, coarsest, reference_coarsest) is not None and max(coarsest) > tile:
         raise InputError(
             f"balance.strength needs the coarsest scale ({coarsest[0]}x{coarsest[1]}) in one tile, but the tile "
             f"is {tile}: use --tile {max(coarsest)} or more, or set balance.strength=0"
@@ -894,6 +905,12 @@ class JobPlan:
     @property
     def application(self) -> Application:
         return application(self.config)
+
+    def usage_balance(self, scale: int) -> UsageBalance | None:
+        """Scale ``scale``'s usage balancing: the coarsest scale's (:func:`usage_balance`), None elsewhere."""
+        if scale != len(self.output_shapes) - 1:
+            return None
+        return usage_balance(self.config, self.output_shapes[-1], self.reference_shapes[-1])
 
     @property
     def periodic(self) -> tuple[bool, bool]:

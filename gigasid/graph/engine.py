@@ -208,7 +208,7 @@ def create_job(
         raise InputError(
             f"--tile {tile} is not larger than this job's halo ({reach} {unit}); use --tile {reach + 1} or more"
         )
-    job_plan.check_balanced_tile(config, out_shapes[-1], tile)
+    job_plan.check_balanced_tile(config, out_shapes[-1], ref_shapes[-1], tile)
     manifest = {
         "version": __version__,
         # tells a worker that outlives jobs a store created again at the same path is another job
@@ -452,9 +452,9 @@ def _build_index(store: JobStore, config: JobConfig, scale: int) -> None:
     beside a memory-mappable copy of the level its workers read."""
     dataset = store.manifest["dataset"]
     level = torch.from_numpy(store.array(f"{dataset}/{scale}")[...])
-    coarsest = scale == len(store.manifest["reference_shapes"]) - 1
     job_plan.scale_denoiser(level, config, periodic=job_plan.wraps(config), index_dir=store.index_dir(scale),
-                            excluded=tasks.excluded_cells(store, scale), coarsest=coarsest)
+                            excluded=tasks.excluded_cells(store, scale),
+                            balance=JobPlan.from_manifest(store.manifest).usage_balance(scale))
     store.write_level_copy(dataset, scale)
 
 
@@ -615,8 +615,8 @@ def plan_text(store: JobStore) -> str:
 
         lines.append(f"  {auto_thresholds()}")
     pixel_steps = 0.0
-    balanced = job_plan.usage_balance(config) is not None
     coarsest = len(manifest["output_shapes"]) - 1
+    balanced = JobPlan.from_manifest(manifest).usage_balance(coarsest) is not None
     for scale, (height, width) in enumerate(manifest["output_shapes"]):
         count = len(tile_boxes((height, width), tile))
         note = f", usage-balanced ({config.balance.k} candidates)" if balanced and scale == coarsest else ""

@@ -145,8 +145,7 @@ def _build_stepper(path: str, scale: int) -> ScaleStepper:
         store = open_store(path)
         level = torch.from_numpy(store.mapped_level(plan.dataset, scale))
         denoiser = job_plan.scale_denoiser(level, config, periodic=plan.periodic, index_dir=store.index_dir(scale),
-                                           excluded=excluded_cells(store, scale),
-                                           coarsest=scale == len(plan.reference_shapes) - 1)
+                                           excluded=excluded_cells(store, scale), balance=plan.usage_balance(scale))
     shapes = plan.output_shapes
     alphas, sigmas = make_noise_schedule(config.noise_schedule, config.num_steps)
     return ScaleStepper(

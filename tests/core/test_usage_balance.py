@@ -82,3 +82,22 @@ def test_slack_lets_a_patch_be_used_more_than_its_share() -> None:
     same = balance_weights(weights, candidates, (2, 5), UsageBalance(2.0, 3, slack=slack))
     np.testing.assert_allclose(same.numpy(), weights.numpy(), atol=1e-7)
     assert not torch.allclose(balance_weights(weights, candidates, (2, 5), UsageBalance(2.0, 3)), weights)
+
+
+def test_keep_averages_the_best_candidates_after_the_discount() -> None:
+    """``keep``: with nothing over-used the weights are the softmax over each query's best
+    ``keep`` candidates (what a search for ``keep`` neighbours gives); an over-used best candidate
+    is swapped out for the next one."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 4)
+    candidates = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]])
+    weights = torch.softmax(logits, dim=1)
+    got = balance_weights(weights, candidates, (4, 4), UsageBalance(1.0, 2, keep=2))
+    expected = torch.softmax(logits[:, :2], dim=1)
+    np.testing.assert_allclose(got[:, :2].numpy(), expected.numpy(), rtol=1e-6)
+    assert torch.all(got[:, 2:] == 0.0)
+    # now every query's best candidate is patch 0: 4 uses against a share of 1
+    crowded = candidates.clone()
+    crowded[:, 0] = 0
+    got = balance_weights(weights, crowded, (4, 4), UsageBalance(3.0, 3, keep=2))
+    assert float(got[:, 0].max()) < float(expected[0, 0]) and torch.all(got[:, 2] > 0.0)
+

@@ -152,7 +152,7 @@ def test_a_usage_balanced_job_tiled_equals_in_memory(tmp_path: Path) -> None:
     the coarsest scale is refused by name before anything is written."""
     (height, width), settings = BACKENDS["knn"]
     config = from_mapping(JobConfig, {"application": "uncond", "num_steps": 3, "num_scales": 3, "eta": 0.5,
-                                      **settings, "balance": {"strength": 1.0, "k": 16}})
+                                      **settings, "balance": {"strength": 1.0, "k": 16, "min_share": 0.0}})
     torch.set_num_threads(1)
     prepared = jobs.prepare(rocket(height, width), config)
     assert prepared.denoisers[-1].balance is not None and all(d.balance is None for d in prepared.denoisers[:-1])
