@@ -174,6 +174,11 @@ class ImageDenoiser:
             if origin is not None:
                 raise ValueError("usage balancing weighs the whole image's queries: it cannot denoise a crop")
             weights = self._all_weights(source, candidates, alpha, sigma, grid_h, grid_w)
+            keep = self.balance.keep
+            if keep is not None and keep < weights.shape[1]:  # the others weigh 0: gather only these
+                # in the candidates' own order: the weighted sum adds the same terms in the same order
+                order = torch.argsort(-weights, dim=1, stable=True)[:, :keep].sort(dim=1).values
+                weights, candidates = weights.gather(1, order), candidates.gather(1, order)
             self._fold_bands(source, window, canvas, grid_h, grid_w,
                              lambda _, rows: self.patch_denoiser.blend(weights[rows], candidates[rows]))
         elif fold_image is None or not fold_image(source, candidates, alpha, sigma, window, canvas, grid_h, grid_w):
