@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from gigasid.core import knn_fold
-from gigasid.core.patches import gather_patches, grid_shape
+from gigasid.core.patches import gather_patches
 
 BackendName = Literal["exact", "fused", "knn"]
 
@@ -242,9 +242,9 @@ class KnnDenoiser:
         return out
 
     @property
-    def patch_grid(self) -> tuple[int, int]:
-        """The reference's grid of patch corners: candidate positions are flat indices into it."""
-        return grid_shape(*self.reference.shape[-2:], self.patch_size)
+    def num_patches(self) -> int:
+        """The reference's patch count: candidate positions lie in [0, num_patches)."""
+        return int(self.sq_norms.shape[0])
 
     def blend(self, weights: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(m, D): each query's candidates averaged with given (m, k) weights (usage balancing's

@@ -229,6 +229,6 @@ class ImageDenoiser:
                 weights[first:last] = self.patch_denoiser.weights(queries, alpha, sigma, candidates[first:last])
         if self.balance is None:
             return weights
-        balanced = balance_weights(weights.cpu(), candidates.cpu(), self.patch_denoiser.patch_grid, self.balance)
+        balanced = balance_weights(weights.cpu(), candidates.cpu(), self.patch_denoiser.num_patches, self.balance)
         return balanced.to(weights.device)
 

@@ -39,13 +39,10 @@ class UsageBalance:
     keep: int | None = None
 
 
-def balance_weights(
-    weights: torch.Tensor, candidates: torch.Tensor, grid: tuple[int, int], balance: UsageBalance
-) -> torch.Tensor:
-    """(Q, k) softmax weights of Q queries over their candidate positions (flat indices into the
-    reference's patch ``grid``; −1: none, weight 0) re-weighted as the module docstring says; rows
-    still sum to 1. Deterministic: sums in float64, in a fixed order."""
-    num_patches = grid[0] * grid[1]
+def balance_weights(weights: torch.Tensor, candidates: torch.Tensor, num_patches: int, balance: UsageBalance) -> torch.Tensor:
+    """(Q, k) softmax weights of Q queries over their candidate positions (indices of the
+    reference's ``num_patches`` patches; −1: none, weight 0) re-weighted as the module docstring
+    says; rows still sum to 1. Deterministic: sums in float64, in a fixed order."""
     base = weights.to(torch.float64).numpy()
     slots = candidates.numpy()
     valid = slots >= 0

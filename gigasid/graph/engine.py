@@ -604,7 +604,8 @@ def _write_latents(store: JobStore, codec, pixel_shapes, scales) -> None:
 def plan_text(store: JobStore) -> str:
     """What the job will do and roughly what it costs, before it starts."""
     manifest = store.manifest
-    config = JobPlan.from_manifest(store.manifest).config
+    plan = JobPlan.from_manifest(manifest)
+    config = plan.config
     tile, steps, channels = manifest["tile"], config.num_steps, manifest["channels"]
     unit = "px" if manifest.get("factor", 1) == 1 else f"latent cells ({manifest['factor']} px each)"
     lines = [f"plan: {len(manifest['output_shapes'])} scales x {steps} steps, tile {tile} {unit}, halo {manifest['halo']}"]
@@ -616,7 +617,7 @@ def plan_text(store: JobStore) -> str:
         lines.append(f"  {auto_thresholds()}")
     pixel_steps = 0.0
     coarsest = len(manifest["output_shapes"]) - 1
-    balanced = JobPlan.from_manifest(manifest).usage_balance(coarsest) is not None
+    balanced = plan.usage_balance(coarsest) is not None
     for scale, (height, width) in enumerate(manifest["output_shapes"]):
         count = len(tile_boxes((height, width), tile))
         note = f", usage-balanced ({config.balance.k} candidates)" if balanced and scale == coarsest else ""
